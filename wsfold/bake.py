@@ -1,0 +1,165 @@
+"""Replace each derived-weight layer with the plain torch.nn op of the same geometry holding its exact weight."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .detect import DerivedLayer, Detection, _as_tuple, _own_tensors, detect_layers, op_kind
+from .modules import SamePad
+
+_CONV = {
+    "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d,
+    "conv_transpose1d": nn.ConvTranspose1d, "conv_transpose2d": nn.ConvTranspose2d,
+    "conv_transpose3d": nn.ConvTranspose3d,
+}
+_PAD = {
+    ("constant", 1): nn.ConstantPad1d, ("constant", 2): nn.ConstantPad2d, ("constant", 3): nn.ConstantPad3d,
+    ("reflect", 1): nn.ReflectionPad1d, ("reflect", 2): nn.ReflectionPad2d, ("reflect", 3): nn.ReflectionPad3d,
+    ("replicate", 1): nn.ReplicationPad1d, ("replicate", 2): nn.ReplicationPad2d, ("replicate", 3): nn.ReplicationPad3d,
+    ("circular", 1): nn.CircularPad1d, ("circular", 2): nn.CircularPad2d, ("circular", 3): nn.CircularPad3d,
+}
+
+
+@dataclass
+class BakedLayer:
+    """One replaced layer: where its weight now lives and where it came from."""
+
+    layer: DerivedLayer
+    weight_key: str
+    bias_key: str | None
+    replaced_by: str
+
+
+@dataclass
+class BakeReport:
+    detection: Detection
+    baked: list[BakedLayer] = field(default_factory=list)
+
+
+def derived_weight(module: nn.Module, layer: DerivedLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight and bias as the op receives them: the formula in float64 rounded once, else as observed."""
+    own = _own_tensors(module)
+    bias = own.get(layer.bias_is_param) if layer.bias_is_param else layer.observed_bias
+    if layer.formula is None:
+        return layer.observed_weight, bias
+    from .formulas import standardize
+
+    f = layer.formula
+    exact = standardize(
+        own[layer.source_param],
+        f,
+        own.get(f.scale_tensor) if f.scale_tensor else None,
+        own.get(f.shift_tensor) if f.shift_tensor else None,
+    )
+    return exact.to(layer.dtype), bias
+
+
+def build_plain(module: nn.Module, layer: DerivedLayer) -> tuple[nn.Module, str]:
+    """The plain module (with an explicit pad in front where needed) and the key prefix of its conv/linear."""
+    weight, bias = derived_weight(module, layer)
+    g = layer.geometry
+    kind = op_kind(layer.op)
+    with torch.device("meta"):
+        if kind == "linear":
+            op = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        else:
+            groups = g["groups"]
+            if kind == "conv":
+                in_ch, out_ch = weight.shape[1] * groups, weight.shape[0]
+                extra = {}
+            else:
+                in_ch, out_ch = weight.shape[0], weight.shape[1] * groups
+                extra = {"output_padding": g["output_padding"]}
+            op = _CONV[layer.op](
+                in_ch, out_ch, tuple(weight.shape[2:]), stride=g["stride"], padding=g["padding"],
+                dilation=g["dilation"], groups=groups, bias=bias is not None, **extra,
+            )
+    op.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if bias is not None:
+        op.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
+    pad = layer.pad
+    if pad is None:
+        return op, ""
+    nd = weight.ndim - 2
+    if pad.same_dynamic:
+        return nn.Sequential(SamePad(tuple(weight.shape[2:]), _as_tuple(g["stride"], nd), _as_tuple(g["dilation"], nd), pad.value), op), "1."
+    pairs = [pad.pad[i : i + 2] for i in range(0, len(pad.pad), 2)]
+    symmetric = all(a == b for a, b in pairs) and len(pairs) == nd and isinstance(g["padding"], (int, tuple))
+    conv_padding = _as_tuple(g["padding"], nd) if kind == "conv" and not isinstance(g["padding"], str) else None
+    if symmetric and conv_padding is not None and (pad.mode != "constant" or pad.value == 0.0):
+        if pad.mode == "constant" or all(p == 0 for p in conv_padding):
+            op.padding = tuple(p + a for p, (a, _) in zip(conv_padding, reversed(pairs)))
+            op.padding_mode = "zeros" if pad.mode == "constant" else pad.mode
+            op._reversed_padding_repeated_twice = tuple(v for p in reversed(op.padding) for v in (p, p))
+            return op, ""
+    cls = _PAD.get((pad.mode, nd)) if len(pairs) == nd else None
+    if cls is None:
+        from .errors import WsfoldError
+
+        raise WsfoldError(f"layer {layer.name}: cannot express padding {pad} with torch.nn modules")
+    padder = cls(pad.pad, pad.value) if pad.mode == "constant" else cls(pad.pad)
+    return nn.Sequential(padder, op), "1."
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if name == "":
+        return new
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+    return model
+
+
+def bake_model(
+    model: nn.Module,
+    detection: Detection | None = None,
+    *,
+    inplace: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[nn.Module, BakeReport]:
+    """Return ``model`` with every detected derived-weight layer replaced by a plain op; the input is untouched
+    unless ``inplace``. Unsupported layers stay as they are and are listed in the report."""
+    detection = detection if detection is not None else detect_layers(model)
+    if not inplace:
+        # Copy the container only; baked layers get fresh tensors, the rest are shared read-only with the input.
+        model = _shallow_copy_tree(model, {layer.name for layer in detection.layers})
+    report = BakeReport(detection)
+    for i, layer in enumerate(detection.layers):
+        module = model.get_submodule(layer.name) if layer.name else model
+        new, prefix = build_plain(module, layer)
+        new.train(module.training)
+        model = _set_submodule(model, layer.name, new)
+        base = f"{layer.name}." if layer.name else ""
+        report.baked.append(
+            BakedLayer(layer, f"{base}{prefix}weight", f"{base}{prefix}bias" if new.state_dict().get(f"{prefix}bias") is not None else None, type(new).__name__)
+        )
+        if progress:
+            progress(i + 1, len(detection.layers))
+    return model, report
+
+
+def _shallow_copy_tree(model: nn.Module, replaced: set[str]) -> nn.Module:
+    """Copy the module objects on the paths to replaced layers (so setattr does not reach the input model);
+    everything else, including all tensors, is shared rather than deep-copied."""
+    if "" in replaced:
+        return model
+    root = copy.copy(model)
+    root._modules = dict(model._modules)
+    copied = {"": root}
+    for name in sorted(replaced):
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            path = ".".join(parts[:depth])
+            if path in copied:
+                continue
+            parent = copied[".".join(parts[: depth - 1])]
+            clone = copy.copy(parent._modules[parts[depth - 1]])
+            clone._modules = dict(clone._modules)
+            parent._modules[parts[depth - 1]] = clone
+            copied[path] = clone
+    return root

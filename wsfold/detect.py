@@ -1,0 +1,421 @@
+"""Find layers whose convolution or linear op receives a derived weight, by running each layer alone.
+
+Detection observes behaviour: each candidate module is called on small probe inputs at its own dtype while a
+TorchFunctionMode records the weight, bias and geometry handed to conv*/conv_transpose*/linear and any F.pad
+applied first. A class name only gives the layer a friendly name in the report.
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .formulas import Formula, channel_stats, designed_weights, identify_formula
+
+OPS: dict[str, Callable] = {
+    "conv1d": F.conv1d,
+    "conv2d": F.conv2d,
+    "conv3d": F.conv3d,
+    "conv_transpose1d": F.conv_transpose1d,
+    "conv_transpose2d": F.conv_transpose2d,
+    "conv_transpose3d": F.conv_transpose3d,
+    "linear": F.linear,
+}
+_SIGNATURES = {
+    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv_transpose": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+    "linear": ("input", "weight", "bias"),
+    "pad": ("input", "pad", "mode", "value"),
+}
+# Exact types known to hand their own Parameter to the op; subclasses are still probed.
+_PLAIN_TYPES = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Embedding, nn.EmbeddingBag, nn.PReLU,
+    nn.MultiheadAttention, nn.Bilinear, nn.LSTM, nn.GRU, nn.RNN,
+)
+KNOWN_CLASSES = {
+    "StdConv2d": "timm StdConv2d",
+    "StdConv2dSame": "timm StdConv2dSame",
+    "ScaledStdConv2d": "timm ScaledStdConv2d (NFNet)",
+    "ScaledStdConv2dSame": "timm ScaledStdConv2dSame (NFNet)",
+    "WeightStandardizedConv2d": "transformers BiT WeightStandardizedConv2d",
+    "ConvWS2d": "mmcv ConvWS2d",
+    "ConvAWS2d": "mmcv ConvAWS2d",
+    "SAConv2d": "mmcv SAConv2d",
+    "WSConv2D": "NFNet WSConv2D",
+    "WSConv2d": "NFNet WSConv2d",
+}
+
+
+def op_kind(op: str) -> str:
+    return "linear" if op == "linear" else ("conv_transpose" if op.startswith("conv_transpose") else "conv")
+
+
+@dataclass
+class OpCall:
+    op: str
+    args: dict[str, Any]
+    output: torch.Tensor
+
+
+@dataclass
+class PadSpec:
+    """Padding applied in forward before the op: a static F.pad, or TF-SAME padding computed from the input size."""
+
+    mode: str  # constant | reflect | replicate | circular
+    value: float
+    pad: tuple[int, ...] | None  # F.pad order (last dim first); None when it depends on the input size
+    same_dynamic: bool = False
+
+
+@dataclass
+class DerivedLayer:
+    """A layer whose op receives a weight computed from its parameters (weight-standardized or otherwise)."""
+
+    name: str
+    type: str
+    op: str
+    geometry: dict[str, Any]
+    weight_shape: tuple[int, ...]
+    dtype: torch.dtype
+    source_param: str
+    formula: Formula | None
+    misfit: float | None
+    fan_in: int
+    warnings: list[str] = field(default_factory=list)
+    pad: PadSpec | None = None
+    known_as: str | None = None
+    bias_is_param: str | None = None
+    # Kept only when no formula was identified: the baked weight is then the observed one.
+    observed_weight: torch.Tensor | None = field(default=None, repr=False)
+    observed_bias: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def formula_name(self) -> str:
+        return self.formula.name if self.formula else "custom"
+
+    @property
+    def eps(self) -> float | None:
+        return self.formula.eps if self.formula else None
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight_shape[0]
+
+
+@dataclass
+class SkippedLayer:
+    name: str
+    type: str
+    reason: str
+
+
+@dataclass
+class Detection:
+    """What detect_layers found: layers to bake, layers it will not bake, and modules it could not run."""
+
+    layers: list[DerivedLayer]
+    unsupported: list[SkippedLayer]
+    unprobed: list[SkippedLayer]
+
+
+class _Recorder(TorchFunctionMode):
+    """Records conv/linear/pad calls made directly by the probed module (not by descendants with parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[OpCall] = []
+        self.depth = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if self.depth == 0 and (name in OPS or name == "pad"):
+            names = _SIGNATURES["pad" if name == "pad" else op_kind(name)]
+            bound = dict(zip(names, args))
+            bound.update(kwargs)
+            self.calls.append(OpCall(name, bound, out))
+        return out
+
+
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(module.named_parameters(recurse=False))
+    tensors.update(module.named_buffers(recurse=False))
+    plist = getattr(module, "parametrizations", None)
+    if plist is not None:
+        for pname, entry in plist.items():
+            for sub, t in entry.named_parameters(recurse=False):
+                tensors[f"parametrizations.{pname}.{sub}"] = t
+    return {k: v for k, v in tensors.items() if v is not None}
+
+
+def _is_candidate(module: nn.Module) -> bool:
+    if hasattr(module, "parametrizations"):
+        return True
+    if type(module) in _PLAIN_TYPES or isinstance(module, torch.nn.utils.parametrize.ParametrizationList):
+        return False
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        return True
+    own = [t for t in _own_tensors(module).values() if t.is_floating_point() and t.ndim >= 2]
+    has_param_children = any(any(True for _ in c.parameters()) for c in module.children())
+    return bool(own) and not has_param_children
+
+
+def _probe_shapes(module: nn.Module, weight: torch.Tensor) -> list[list[tuple[int, ...]]]:
+    """Input shapes to try, as pairs of two different sizes, most plausible first."""
+    if hasattr(module, "in_features"):
+        return [[(2, module.in_features), (3, module.in_features)]]
+    nd = weight.ndim - 2
+    if nd <= 0:
+        return [[(2, weight.shape[-1]), (3, weight.shape[-1])]] if weight.ndim == 2 else []
+    ks = list(weight.shape[2:])
+    stride = _as_tuple(getattr(module, "stride", 1), nd)
+    dilation = _as_tuple(getattr(module, "dilation", 1), nd)
+    sizes = [max(8, (k - 1) * d + 1 + 2 * s + 1) for k, d, s in zip(ks, dilation, stride)]
+    channels = []
+    if isinstance(getattr(module, "in_channels", None), int):
+        channels.append(module.in_channels)
+    groups = getattr(module, "groups", 1) if isinstance(getattr(module, "groups", 1), int) else 1
+    channels += [weight.shape[1] * groups, weight.shape[0], weight.shape[1]]
+    shapes = []
+    for c in dict.fromkeys(channels):
+        shapes.append([(1, c, *sizes), (2, c, *[s + 1 for s in sizes])])
+    return shapes
+
+
+def _as_tuple(value: Any, n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    try:
+        t = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        return (1,) * n
+    return t if len(t) == n else (t[0],) * n
+
+
+def _run_probe(
+    module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, seed: int, overrides: dict[str, torch.Tensor] | None = None
+) -> tuple[Any, _Recorder, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+    recorder = _Recorder()
+    hooks = []
+    for sub in module.modules():
+        if sub is module or isinstance(sub, torch.nn.utils.parametrize.ParametrizationList):
+            continue
+        if any(True for _ in sub.parameters(recurse=False)):
+            hooks.append(sub.register_forward_pre_hook(lambda *_: setattr(recorder, "depth", recorder.depth + 1)))
+            hooks.append(sub.register_forward_hook(lambda *_: setattr(recorder, "depth", recorder.depth - 1)))
+    try:
+        with torch.no_grad(), recorder:
+            out = torch.func.functional_call(module, overrides, (x,)) if overrides else module(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, recorder, x
+
+
+def tf_same_pad(size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """TF "SAME" padding in F.pad order (last spatial dim first)."""
+    pads: list[int] = []
+    for n, k, s, d in zip(reversed(size), reversed(kernel), reversed(stride), reversed(dilation)):
+        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+def _static(value: Any) -> Any:
+    if isinstance(value, torch.Size):
+        return tuple(value)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _geometry(call: OpCall) -> dict[str, Any]:
+    kind = op_kind(call.op)
+    names = _SIGNATURES[kind][3:]
+    defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
+    return {k: _static(call.args.get(k, defaults[k])) for k in names}
+
+
+def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> DerivedLayer | SkippedLayer | None:
+    own = _own_tensors(module)
+    weights = [t for t in own.values() if t.is_floating_point() and t.ndim >= 2]
+    dtype = max(weights, key=lambda t: t.numel()).dtype if weights else next(iter(own.values())).dtype
+    type_name = type(module).__name__
+    errors = []
+    runs = None
+    for shapes in _probe_shapes(module, max(weights, key=lambda t: t.numel())) if weights else []:
+        try:
+            runs = [(shape, *_run_probe(module, shape, dtype, seed)) for seed, shape in enumerate(shapes)]
+            break
+        except Exception as exc:  # noqa: BLE001 - a wrong guess of the input shape raises anything
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    if runs is None:
+        reason = "could not be run on a probe input" + (f" ({errors[0]})" if errors else "")
+        return SkippedLayer(name, type_name, reason)
+
+    param_ids = {id(p) for p in params.values()}
+    derived_runs = []
+    for shape, out, rec, x in runs:
+        ops = [c for c in rec.calls if c.op in OPS]
+        derived = [c for c in ops if id(c.args["weight"]) not in param_ids]
+        derived_runs.append((shape, out, rec, x, ops, derived))
+    first = derived_runs[0]
+    derived_calls = first[5]
+    if not derived_calls:
+        return None
+    if any(len(r[5]) != len(derived_calls) for r in derived_runs):
+        return SkippedLayer(name, type_name, "calls a different number of ops for different inputs")
+    if len(first[4]) > 1:
+        ops_list = ", ".join(c.op for c in first[4])
+        return SkippedLayer(name, type_name, f"calls {len(first[4])} ops ({ops_list}) with derived weights; it is not one plain op")
+    call = derived_calls[0]
+    w0 = call.args["weight"]
+    for r in derived_runs[1:]:
+        if not torch.equal(r[5][0].args["weight"], w0):
+            return SkippedLayer(name, type_name, "its weight depends on the input; it cannot become a constant")
+        b_a, b_b = call.args.get("bias"), r[5][0].args.get("bias")
+        if (b_a is None) != (b_b is None) or (b_a is not None and not torch.equal(b_a, b_b)):
+            return SkippedLayer(name, type_name, "its bias depends on the input; it cannot become a constant")
+        if _geometry(r[5][0]) != _geometry(call):
+            return SkippedLayer(name, type_name, "its stride/padding/groups change with the input size")
+
+    # The module must be nothing but [pad] + op: its output is the op's output, the op's input is the
+    # module's input (directly or through one F.pad of it).
+    pad_spec = None
+    pads_per_run = []
+    for shape, out, rec, x, ops, derived in derived_runs:
+        c = derived[0]
+        if out is not c.output and not (isinstance(out, torch.Tensor) and out.shape == c.output.shape and torch.equal(out, c.output)):
+            return SkippedLayer(name, type_name, "does more than one op (its output is not the op's output)")
+        inp = c.args["input"]
+        if inp is x:
+            pads_per_run.append(None)
+            continue
+        pad_calls = [p for p in rec.calls if p.op == "pad" and p.output is inp]
+        if not pad_calls or pad_calls[0].args["input"] is not x:
+            return SkippedLayer(name, type_name, "transforms its input before the op in a way other than padding")
+        p = pad_calls[0].args
+        pads_per_run.append((p.get("mode", "constant") or "constant", float(p.get("value") or 0.0), tuple(int(v) for v in p["pad"]), shape))
+    geometry = _geometry(call)
+    if any(p is not None for p in pads_per_run):
+        if any(p is None for p in pads_per_run) or len({(p[0], p[1]) for p in pads_per_run}) > 1:
+            return SkippedLayer(name, type_name, "pads its input differently for different input sizes")
+        mode, value = pads_per_run[0][0], pads_per_run[0][1]
+        if len({p[2] for p in pads_per_run}) == 1:
+            pad_spec = PadSpec(mode, value, pads_per_run[0][2])
+        else:
+            nd = w0.ndim - 2
+            k = tuple(w0.shape[2:])
+            s, d = _as_tuple(geometry["stride"], nd), _as_tuple(geometry["dilation"], nd)
+            if mode == "constant" and all(tf_same_pad(p[3][2:], k, s, d) == p[2] for p in pads_per_run):
+                pad_spec = PadSpec(mode, value, None, same_dynamic=True)
+            else:
+                return SkippedLayer(name, type_name, "pads its input by an amount that depends on the input size and is not TF-SAME")
+
+    # Where does the weight come from: the raw tensor of the same shape among the layer's own tensors.
+    raw_name, raw = next(((k, t) for k, t in own.items() if t.shape == w0.shape and t.is_floating_point()), (None, None))
+    bias = call.args.get("bias")
+    bias_param = next((k for k, t in own.items() if t is bias), None) if bias is not None else None
+    formula = misfit = None
+    if raw is not None:
+        per_channel = {
+            k: t for k, t in own.items()
+            if k not in (raw_name, bias_param) and t.is_floating_point() and t.numel() == w0.shape[0]
+        }
+        scalars, eps_hints = _scalar_attributes(module)
+        observations = [(raw, w0)]
+        for designed in designed_weights(raw):
+            _, rec, _ = _run_probe(module, runs[0][0], dtype, 0, {raw_name: designed})
+            calls = [c for c in rec.calls if c.op in OPS and id(c.args["weight"]) not in param_ids]
+            if len(calls) == 1 and calls[0].args["weight"].shape == raw.shape:
+                observations.append((designed, calls[0].args["weight"]))
+        found = identify_formula(observations, per_channel, scalars, eps_hints)
+        if found:
+            formula, misfit = found
+    fan_in = int(w0[0].numel())
+    layer = DerivedLayer(
+        name=name, type=type_name, op=call.op, geometry=geometry, weight_shape=tuple(w0.shape), dtype=w0.dtype,
+        source_param=raw_name or "", formula=formula, misfit=misfit, fan_in=fan_in, pad=pad_spec,
+        known_as=KNOWN_CLASSES.get(type_name) or ("torch.nn.utils.parametrize" if hasattr(module, "parametrizations") else None),
+        bias_is_param=bias_param,
+    )
+    if formula is None:
+        layer.observed_weight = w0.detach().clone()
+        layer.observed_bias = None if bias is None else bias.detach().clone()
+        layer.warnings.append("formula not identified: the observed weight is baked as is")
+    elif bias is not None and bias_param is None:
+        layer.observed_bias = bias.detach().clone()
+    if fan_in < 16:
+        layer.warnings.append(f"fan-in {fan_in} < 16: statistics from {fan_in} numbers")
+    if formula is not None and raw is not None:
+        _, var_b, _, _ = channel_stats(raw)
+        low = int((var_b < formula.eps).sum())
+        if low:
+            layer.warnings.append(f"{low} filter(s) with variance below eps={formula.eps:g}")
+    if raw is None:
+        layer.warnings.append("no parameter of the weight's shape: the observed weight is baked as is")
+    return layer
+
+
+def _scalar_attributes(module: nn.Module) -> tuple[dict[str, float], list[float]]:
+    scalars: dict[str, float] = {}
+    for key, value in vars(module).items():
+        if key.startswith("_") or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            scalars[key] = float(value)
+        elif isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+            scalars[key] = float(value.item())
+    for key, value in module.named_buffers(recurse=False):
+        if value is not None and value.numel() == 1 and value.is_floating_point():
+            scalars[key] = float(value.item())
+    eps_hints = [v for k, v in scalars.items() if "eps" in k.lower()]
+    # eps may also be a forward() default argument
+    try:
+        for p in _inspect.signature(module.forward).parameters.values():
+            if "eps" in p.name.lower() and isinstance(p.default, (int, float)) and not isinstance(p.default, bool):
+                eps_hints.append(float(p.default))
+    except (TypeError, ValueError):
+        pass
+    return scalars, eps_hints
+
+
+def detect_layers(model: nn.Module, progress: Callable[[int, int], None] | None = None) -> Detection:
+    """Probe every candidate module of ``model`` and report the ones with a derived weight. Never mutates ``model``."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(model.named_buffers(remove_duplicate=False))
+    candidates = [(n, m) for n, m in model.named_modules() if _is_candidate(m)]
+    layers: list[DerivedLayer] = []
+    unsupported: list[SkippedLayer] = []
+    unprobed: list[SkippedLayer] = []
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for i, (name, module) in enumerate(candidates):
+            result = _analyse(name, module, params)
+            if isinstance(result, DerivedLayer):
+                layers.append(result)
+            elif isinstance(result, SkippedLayer):
+                (unprobed if result.reason.startswith("could not be run") else unsupported).append(result)
+            if progress:
+                progress(i + 1, len(candidates))
+    finally:
+        for m, t in was_training.items():
+            m.training = t
+    # A layer inside an unsupported one must not be baked on its own: the parent's math would be split.
+    blocked = [u.name for u in unsupported]
+    layers = [l for l in layers if not any(l.name.startswith(b + ".") for b in blocked if b)]
+    return Detection(layers, unsupported, unprobed)

@@ -1,0 +1,45 @@
+"""User-facing failures. The CLI turns a WsfoldError into one stderr line and its exit code; anything else is a bug."""
+
+from __future__ import annotations
+
+
+class WsfoldError(Exception):
+    """Root of every failure caused by the user's input. ``hint`` says how to fix it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} Hint: {self.hint}" if self.hint else self.message
+
+
+class SourceError(WsfoldError):
+    """SOURCE is missing, empty, truncated or not a checkpoint."""
+
+
+class PickleRefusedError(SourceError):
+    """SOURCE holds code-bearing pickle data and --allow-pickle was not given."""
+
+
+class ArchitectureError(WsfoldError):
+    """--arch cannot be imported or called, or the checkpoint does not fit the architecture."""
+
+
+class OutputError(WsfoldError):
+    """The output path exists, equals SOURCE, has an unknown suffix, or the model cannot be written in that format."""
+
+
+class OptionError(WsfoldError):
+    """An option value is malformed or missing (for example --input-shape)."""
+
+
+class ExportError(WsfoldError):
+    """The model cannot be exported as asked (for example input-size-dependent padding with --dynamic-hw)."""
+
+
+class VerifyInputError(WsfoldError):
+    """verify cannot run: ONNX file missing or unreadable, inputs that do not match the graph."""

@@ -1,0 +1,210 @@
+"""Weight-standardization formulas as pure tensor functions, and their identification from observed weights.
+
+Every formula has the general form W' = a_c * (W - mu_c) / D_c + b_c with per-output-channel statistics
+(dim 0), see Qiao et al. 2019, "Micro-Batch Training with Batch-Channel Normalization and Weight
+Standardization". The variants differ only in D (and V9 multiplies instead of divides).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Denominator D as a function of (biased var, unbiased var, fan-in n, numel of the filter, eps).
+_DENOMINATORS = {
+    "V1": ("sqrt(var_b + eps)", lambda vb, vu, n, eps: torch.sqrt(vb + eps)),
+    "V3": ("std_b + eps", lambda vb, vu, n, eps: torch.sqrt(vb) + eps),
+    "V2": ("std_u + eps", lambda vb, vu, n, eps: torch.sqrt(vu) + eps),
+    "V4": ("sqrt(var_u + eps)", lambda vb, vu, n, eps: torch.sqrt(vu + eps)),
+    "V5": ("sqrt(max(var_b, eps))", lambda vb, vu, n, eps: torch.sqrt(torch.clamp(vb, min=eps))),
+    "V6": ("sqrt(max(n * var_b, eps))", lambda vb, vu, n, eps: torch.sqrt(torch.clamp(n * vb, min=eps))),
+    "V9": ("1 / sqrt(var_b + eps) (multiplies)", lambda vb, vu, n, eps: 1.0 / torch.sqrt(vb + eps)),
+}
+VARIANT_ORDER = tuple(_DENOMINATORS)
+STANDARD_EPS = (1e-5, 1e-8, 1e-6, 1e-10, 1e-4, 1e-3, 1e-7, 1e-12, 1e-9, 1e-2, 0.0)
+
+
+@dataclass(frozen=True)
+class Formula:
+    """An identified derivation W' = scale * (W - mu) / D(variant, eps) + shift, per output channel."""
+
+    variant: str  # key of _DENOMINATORS
+    eps: float
+    scale_tensor: str | None = None  # name of a per-channel parameter/buffer of the layer multiplied in
+    scale_const: float = 1.0  # a scalar multiplied in (e.g. timm's gamma / sqrt(fan_in))
+    scale_const_name: str | None = None
+    shift_tensor: str | None = None  # name of a per-channel parameter/buffer added
+
+    @property
+    def name(self) -> str:
+        """The WS-VARIANTS.md name: V7 for V1/V3 with a gain, V8 for V4 with an affine, else the base variant."""
+        affine = self.scale_tensor is not None or self.scale_const != 1.0
+        if self.variant in ("V1", "V3") and affine and self.shift_tensor is None:
+            return "V7"
+        if self.variant == "V4" and affine and self.shift_tensor is not None:
+            return "V8"
+        if self.variant == "V6" or not (affine or self.shift_tensor):
+            return self.variant
+        return self.variant + "+affine"
+
+    @property
+    def description(self) -> str:
+        scale = " * ".join(
+            part
+            for part in (self.scale_tensor, self.scale_const_name or (None if self.scale_const == 1.0 else repr(self.scale_const)))
+            if part
+        )
+        text = f"(W - mean) / [{_DENOMINATORS[self.variant][0]}]"
+        if self.variant == "V9":
+            text = "(W - mean) * sqrt(var_b + eps)"
+        if scale:
+            text = f"{scale} * {text}"
+        if self.shift_tensor:
+            text += f" + {self.shift_tensor}"
+        return text
+
+
+def channel_stats(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Per-channel (dim 0) centred weight, biased and unbiased variance, in float64, and the fan-in."""
+    flat = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
+    n = flat.shape[1]
+    centred = flat - flat.mean(dim=1, keepdim=True)
+    ss = (centred * centred).sum(dim=1)
+    var_b = ss / n
+    var_u = ss / (n - 1) if n > 1 else torch.full_like(ss, float("nan"))
+    return centred, var_b, var_u, n
+
+
+def standardize(
+    weight: torch.Tensor,
+    formula: Formula,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The exact derived weight in float64 (round it once to the layer's dtype)."""
+    centred, var_b, var_u, n = channel_stats(weight)
+    denom = _DENOMINATORS[formula.variant][1](var_b, var_u, n, formula.eps)
+    out = centred / denom[:, None]
+    a = torch.full_like(var_b, formula.scale_const)
+    if scale is not None:
+        a = a * scale.detach().to(torch.float64).reshape(-1)
+    out = out * a[:, None]
+    if shift is not None:
+        out = out + shift.detach().to(torch.float64).reshape(-1)[:, None]
+    return out.reshape(weight.shape)
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest relative misfit (to the weight's max magnitude) accepted as rounding noise at ``dtype``."""
+    return 48 * torch.finfo(dtype).eps if dtype != torch.float64 else 1e-12
+
+
+def designed_weights(raw: torch.Tensor) -> list[torch.Tensor]:
+    """Probe weights whose per-channel variances sweep the decades where eps matters, so that formulas that agree
+    on the real weights (sqrt(var + eps) vs sqrt(max(var, eps)) vs std + eps, NFNet's fan-in factor) separate."""
+    low, high = (-6.0, 0.0) if raw.dtype == torch.float16 else (-12.0, 1.0)
+    decades = torch.arange(low, high + 0.5, 1.0, dtype=torch.float64)
+    c = raw.shape[0]
+    gen = torch.Generator().manual_seed(1234)
+    base = torch.randn(raw.shape, generator=gen, dtype=torch.float64)
+    centred, var_b, _, _ = channel_stats(base)
+    unit = base / torch.sqrt(var_b).reshape(-1, *([1] * (raw.ndim - 1)))
+    out = []
+    for shift in range(0, len(decades), max(c, 1)):
+        idx = (torch.arange(c) + shift) % len(decades)
+        std = torch.sqrt(10.0 ** decades[idx]).reshape(-1, *([1] * (raw.ndim - 1)))
+        out.append((unit * std + 0.5 * std).to(raw.dtype))
+    return out
+
+
+def identify_formula(
+    observations: list[tuple[torch.Tensor, torch.Tensor]],
+    per_channel: dict[str, torch.Tensor],
+    scalars: dict[str, float],
+    eps_hints: list[float],
+) -> tuple[Formula, float] | None:
+    """Find the formula that turns each raw weight into the derived one observed with it, or None when none fits.
+
+    ``observations`` are (raw, derived) pairs, the real weight first; ``per_channel`` holds the layer's other
+    tensors with one value per output channel (gains, AWS gamma/beta), ``scalars`` its numeric attributes,
+    ``eps_hints`` eps values read from the instance (preferred among equal fits). Returns the formula and its
+    relative misfit on the real weight.
+    """
+    raw0, derived0 = observations[0]
+    if raw0.shape != derived0.shape or raw0.ndim < 2:
+        return None
+    dtype = derived0.dtype
+    tol = tolerance(dtype)
+    stats = []
+    for raw, derived in observations:
+        centred, var_b, var_u, n = channel_stats(raw)
+        target = derived.detach().to(torch.float64).reshape(raw.shape[0], -1)
+        ref = target.abs().max().item()
+        if not math.isfinite(ref) or ref == 0.0:
+            return None
+        # Per channel the derivation must be affine in W: W' = alpha * (W - mu) + beta.
+        ss = (centred * centred).sum(dim=1)
+        live = ss > 0
+        alpha = torch.where(live, (target * centred).sum(dim=1) / torch.where(live, ss, 1.0), 0.0)
+        beta = target.mean(dim=1)
+        scale_ref = target.abs().amax(dim=1).clamp_min(ref * 1e-30)
+        if ((target - alpha[:, None] * centred - beta[:, None]).abs().amax(dim=1) / scale_ref).max().item() > tol:
+            return None
+        stats.append((var_b, var_u, n, alpha, beta, live, ref))
+    n = stats[0][2]
+    beta0, ref0 = stats[0][4], stats[0][6]
+
+    shifts: list[tuple[str | None, torch.Tensor]] = [(None, torch.zeros_like(beta0))]
+    shifts += [(k, v.detach().to(torch.float64).reshape(-1)) for k, v in per_channel.items()]
+    shift_name, shift_vec = min(shifts, key=lambda s: (s[1] - beta0).abs().max().item())
+    if (shift_vec - beta0).abs().max().item() > tol * ref0:
+        return None
+
+    consts: list[tuple[str | None, float]] = [(None, 1.0)]
+    for key, value in scalars.items():
+        if value not in (0.0, 1.0) and math.isfinite(value):
+            consts += [(key, value), (f"{key}/sqrt(n)", value / math.sqrt(n))]
+    consts.append(("1/sqrt(n)", 1.0 / math.sqrt(n)))
+    scales: list[tuple[str | None, torch.Tensor]] = [(None, torch.ones_like(beta0))]
+    scales += [(k, v.detach().to(torch.float64).reshape(-1)) for k, v in per_channel.items() if k != shift_name]
+
+    eps_list = list(dict.fromkeys([*eps_hints, *STANDARD_EPS]))
+    scored = []
+    for variant in VARIANT_ORDER:
+        denom_fn = _DENOMINATORS[variant][1]
+        for eps in eps_list:
+            # The per-channel factor each observation implies, a_c = alpha_c * D_c, must be the same known scale.
+            a_obs = [(alpha * denom_fn(vb, vu, nn, eps))[live] for vb, vu, nn, alpha, _, live, _ in stats]
+            if not all(bool(torch.isfinite(a).all()) for a in a_obs):
+                continue
+            for scale_name, scale_vec in scales:
+                for const_name, const in consts:
+                    err = 0.0
+                    for a, (_, _, _, _, _, live, _) in zip(a_obs, stats):
+                        want = scale_vec[live] * const
+                        top = want.abs().max().item() if want.numel() else 1.0
+                        if top == 0.0:
+                            err = math.inf
+                            break
+                        if want.numel():
+                            err = max(err, (a - want).abs().max().item() / top)
+                    scored.append((err, len(scored), Formula(variant, eps, scale_name, const, const_name, shift_name)))
+    if not scored:
+        return None
+    best = min(s[0] for s in scored)
+    # Among fits equally good up to rounding noise, the first in priority order wins (instance eps, V1 first).
+    noise = torch.finfo(dtype).eps if dtype != torch.float64 else 1e-15
+    floor = max(best * 1.25, noise)
+    for err, _, formula in sorted((s for s in scored if s[0] <= floor), key=lambda s: s[1]):
+        scale = per_channel.get(formula.scale_tensor) if formula.scale_tensor else None
+        shift = per_channel.get(formula.shift_tensor) if formula.shift_tensor else None
+        misfits = []
+        for raw, derived in observations:
+            target = derived.detach().to(torch.float64)
+            rebuilt = standardize(raw, formula, scale, shift)
+            misfits.append((rebuilt - target).abs().max().item() / target.abs().max().item())
+        if all(m <= tol for m in misfits):
+            return formula, misfits[0]
+    return None

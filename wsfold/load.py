@@ -1,0 +1,263 @@
+"""Load SOURCE: a state dict (.pt/.pth/.bin through torch.load(weights_only=True), or .safetensors) built into
+the --arch model, or a whole pickled module when the user allows pickle."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import pickle
+import sys
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ArchitectureError, OptionError, PickleRefusedError, SourceError
+
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema", "model_ema", "ema_state_dict", "net", "network", "params", "weights")
+MANIFEST_KEY = "wsfold"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for detection: in eval mode, with the checkpoint's own tensors and dtypes."""
+
+    model: nn.Module
+    source: Path
+    kind: str  # "state_dict" | "module"
+    state_key: str | None = None
+    manifest: dict[str, Any] | None = None  # present when SOURCE is a wsfold-baked safetensors file
+    notes: list[str] = field(default_factory=list)
+
+    def sha256(self) -> str:
+        return file_sha256(self.source)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dict[str, str] | None]:
+    """The raw object stored at ``path`` (and safetensors metadata), refusing code-bearing pickles unless allowed."""
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path}: no such file.", "check the path to SOURCE.")
+    if path.is_dir():
+        raise SourceError(f"{path} is a directory, not a checkpoint file.", "pass the checkpoint file itself.")
+    size = path.stat().st_size
+    if size == 0:
+        raise SourceError(f"{path} is empty (0 bytes).", "the download or copy probably failed; fetch the checkpoint again.")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    # torch.save writes a zip archive (PK) or, in the legacy format, a pickle (protocol byte 0x80).
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise SourceError(
+            f"{path} is not a PyTorch checkpoint (it starts with {head!r}).",
+            "pass a .pt/.pth/.bin file written by torch.save, or a .safetensors file.",
+        )
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        raise SourceError(f"{path} is truncated or corrupt (its zip directory is unreadable).", "fetch the checkpoint again.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
+        return obj, None
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" not in text:
+            raise SourceError(f"{path} is not a readable PyTorch checkpoint ({text.splitlines()[0]}).", "fetch the checkpoint again.") from None
+        if not allow_pickle:
+            raise PickleRefusedError(
+                f"{path} holds code-bearing pickle data (for example a whole nn.Module), which can run code when loaded.",
+                "if you trust this file, pass --allow-pickle; otherwise save a state dict and use --arch.",
+            ) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise SourceError(f"{path} is truncated or corrupt ({str(exc).splitlines()[0]}).", "fetch the checkpoint again.") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False), None
+    except Exception as exc:  # noqa: BLE001 - unpickling arbitrary user objects can raise anything
+        raise SourceError(
+            f"{path} could not be unpickled ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).",
+            "make the classes it was saved with importable (PYTHONPATH), or save a state dict and use --arch.",
+        ) from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata()
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SourceError(f"{path} is not a valid safetensors file ({str(exc).splitlines()[0]}).", "fetch the checkpoint again.") from None
+    return tensors, metadata
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def find_state_dict(obj: Any, state_key: str | None, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The state dict inside a checkpoint object (a training checkpoint stores it under a key)."""
+    if state_key:
+        node = obj
+        for part in state_key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                keys = ", ".join(map(str, list(obj)[:10])) if isinstance(obj, Mapping) else type(obj).__name__
+                raise OptionError(f"--state-key {state_key!r} is not in {path} (top-level keys: {keys}).", "pick one of the keys listed.")
+            node = node[part]
+        if not _is_state_dict(node):
+            raise OptionError(f"--state-key {state_key!r} in {path} does not hold a state dict of tensors.", "pick the key that holds the model weights.")
+        return _strip_prefix(dict(node)), state_key
+    if _is_state_dict(obj):
+        return _strip_prefix(dict(obj)), None
+    if isinstance(obj, Mapping):
+        for key in STATE_KEYS:
+            if key in obj and _is_state_dict(obj[key]):
+                return _strip_prefix(dict(obj[key])), key
+        keys = ", ".join(map(str, list(obj)[:10]))
+        raise SourceError(
+            f"{path} holds a dict without a state dict under any usual key (keys: {keys}).",
+            "name the key that holds the weights with --state-key KEY.",
+        )
+    raise SourceError(f"{path} holds a {type(obj).__name__}, not a state dict or an nn.Module.", "save the model's state_dict() with torch.save.")
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def resolve_arch(spec: str) -> Callable[..., Any]:
+    """``package.module:callable`` or ``path/to/file.py:callable``."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ArchitectureError(f"--arch {spec!r} is not of the form package.module:callable or path/to/file.py:callable.", "add ':callable'.")
+    if target.endswith(".py"):
+        file = Path(target)
+        if not file.is_file():
+            raise ArchitectureError(f"--arch file {file} does not exist.", "check the path before ':'.")
+        # Import by file stem with its folder on sys.path, so a pickled baked model can find its classes again.
+        folder = str(file.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        module_name = file.stem
+        existing = sys.modules.get(module_name)
+        if existing is not None and Path(getattr(existing, "__file__", "") or "").resolve() != file.resolve():
+            spec_obj = importlib.util.spec_from_file_location(f"wsfold_arch_{module_name}", file)
+            module = importlib.util.module_from_spec(spec_obj)
+            sys.modules[spec_obj.name] = module
+            spec_obj.loader.exec_module(module)
+        else:
+            module = _import(module_name, spec)
+    else:
+        module = _import(target, spec)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ArchitectureError(f"--arch {spec!r}: {target} has no attribute {attr!r}.", "check the name after ':'.")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ArchitectureError(f"--arch {spec!r} is not callable.", "point at a class or a function returning an nn.Module.")
+    return obj
+
+
+def _import(name: str, spec: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ArchitectureError(f"--arch {spec!r}: cannot import {name} ({exc}).", "install the package or pass path/to/file.py:callable.") from None
+
+
+def build_arch(spec: str, kwargs: dict[str, Any] | str | None = None) -> nn.Module:
+    """Call the --arch callable with --arch-kwargs and check that it returns an nn.Module."""
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs) if kwargs.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise OptionError(f"--arch-kwargs is not valid JSON ({exc}).", 'pass an object such as \'{"num_classes": 10}\'.') from None
+        if not isinstance(kwargs, dict):
+            raise OptionError("--arch-kwargs must be a JSON object.", 'pass an object such as \'{"num_classes": 10}\'.')
+    fn = resolve_arch(spec)
+    try:
+        model = fn(**(kwargs or {}))
+    except TypeError as exc:
+        raise ArchitectureError(f"--arch {spec!r} could not be called with {kwargs or {}} ({exc}).", "fix --arch-kwargs.") from None
+    if not isinstance(model, nn.Module):
+        raise ArchitectureError(f"--arch {spec!r} returned a {type(model).__name__}, not an nn.Module.", "point at a callable that builds the model.")
+    return model
+
+
+def _describe_misfit(missing: list[str], unexpected: list[str], shapes: list[str], spec: str) -> ArchitectureError:
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape clash (checkpoint vs model)", shapes)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
+    return ArchitectureError(
+        f"the checkpoint does not fit --arch {spec}: " + "; ".join(parts) + ".",
+        "check --arch and --arch-kwargs (or --state-key) against how the checkpoint was trained.",
+    )
+
+
+def load_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], spec: str) -> None:
+    """Load with the checkpoint's own tensors and dtypes (assign), strictly, but through the model's load hooks:
+    a layer that fills a missing key itself (mmcv ConvAWS2d's gamma/beta) is not a mismatch."""
+    expected = model.state_dict()
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    if shapes:
+        raise _describe_misfit([], [], shapes, spec)
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise _describe_misfit(list(result.missing_keys), list(result.unexpected_keys), [], spec)
+
+
+def load_model(
+    source: str | Path,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | str | None = None,
+    state_key: str | None = None,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load SOURCE into an eval-mode nn.Module. Never loads pickled code unless ``allow_pickle``."""
+    path = Path(source)
+    obj, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
+    if isinstance(obj, nn.Module):
+        obj.eval()
+        return LoadedModel(obj, path, "module")
+    if isinstance(obj, Mapping) and not state_key:
+        for key in STATE_KEYS:
+            if isinstance(obj.get(key), nn.Module):
+                obj[key].eval()
+                return LoadedModel(obj[key], path, "module", state_key=key)
+    sd, found_key = find_state_dict(obj, state_key, path)
+    if arch is None:
+        raise ArchitectureError(
+            f"{path} holds a state dict ({len(sd)} tensors) and wsfold needs the architecture to run it.",
+            "pass --arch package.module:callable or --arch path/to/file.py:callable (with --arch-kwargs JSON).",
+        )
+    model = build_arch(arch, arch_kwargs)
+    manifest = json.loads(metadata[MANIFEST_KEY]) if metadata and MANIFEST_KEY in metadata else None
+    if manifest is not None:
+        # A wsfold-baked state dict: rebuild the baked structure from the architecture, then fill it.
+        from .bake import bake_model
+
+        model.eval()
+        model, _ = bake_model(model, inplace=True)
+    load_strict(model, sd, arch)
+    model.eval()
+    return LoadedModel(model, path, "state_dict", state_key=found_key, manifest=manifest)
