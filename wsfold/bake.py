@@ -13,15 +13,26 @@ from .detect import DerivedLayer, Detection, _as_tuple, _own_tensors, detect_lay
 from .modules import SamePad
 
 _CONV = {
-    "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d,
-    "conv_transpose1d": nn.ConvTranspose1d, "conv_transpose2d": nn.ConvTranspose2d,
+    "conv1d": nn.Conv1d,
+    "conv2d": nn.Conv2d,
+    "conv3d": nn.Conv3d,
+    "conv_transpose1d": nn.ConvTranspose1d,
+    "conv_transpose2d": nn.ConvTranspose2d,
     "conv_transpose3d": nn.ConvTranspose3d,
 }
 _PAD = {
-    ("constant", 1): nn.ConstantPad1d, ("constant", 2): nn.ConstantPad2d, ("constant", 3): nn.ConstantPad3d,
-    ("reflect", 1): nn.ReflectionPad1d, ("reflect", 2): nn.ReflectionPad2d, ("reflect", 3): nn.ReflectionPad3d,
-    ("replicate", 1): nn.ReplicationPad1d, ("replicate", 2): nn.ReplicationPad2d, ("replicate", 3): nn.ReplicationPad3d,
-    ("circular", 1): nn.CircularPad1d, ("circular", 2): nn.CircularPad2d, ("circular", 3): nn.CircularPad3d,
+    ("constant", 1): nn.ConstantPad1d,
+    ("constant", 2): nn.ConstantPad2d,
+    ("constant", 3): nn.ConstantPad3d,
+    ("reflect", 1): nn.ReflectionPad1d,
+    ("reflect", 2): nn.ReflectionPad2d,
+    ("reflect", 3): nn.ReflectionPad3d,
+    ("replicate", 1): nn.ReplicationPad1d,
+    ("replicate", 2): nn.ReplicationPad2d,
+    ("replicate", 3): nn.ReplicationPad3d,
+    ("circular", 1): nn.CircularPad1d,
+    ("circular", 2): nn.CircularPad2d,
+    ("circular", 3): nn.CircularPad3d,
 }
 
 
@@ -76,8 +87,15 @@ def build_plain(module: nn.Module, layer: DerivedLayer) -> tuple[nn.Module, str]
                 in_ch, out_ch = weight.shape[0], weight.shape[1] * groups
                 extra = {"output_padding": g["output_padding"]}
             op = _CONV[layer.op](
-                in_ch, out_ch, tuple(weight.shape[2:]), stride=g["stride"], padding=g["padding"],
-                dilation=g["dilation"], groups=groups, bias=bias is not None, **extra,
+                in_ch,
+                out_ch,
+                tuple(weight.shape[2:]),
+                stride=g["stride"],
+                padding=g["padding"],
+                dilation=g["dilation"],
+                groups=groups,
+                bias=bias is not None,
+                **extra,
             )
     op.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
     if bias is not None:
@@ -87,7 +105,9 @@ def build_plain(module: nn.Module, layer: DerivedLayer) -> tuple[nn.Module, str]
         return op, ""
     nd = weight.ndim - 2
     if pad.same_dynamic:
-        return nn.Sequential(SamePad(tuple(weight.shape[2:]), _as_tuple(g["stride"], nd), _as_tuple(g["dilation"], nd), pad.value), op), "1."
+        return nn.Sequential(
+            SamePad(tuple(weight.shape[2:]), _as_tuple(g["stride"], nd), _as_tuple(g["dilation"], nd), pad.value), op
+        ), "1."
     pairs = [pad.pad[i : i + 2] for i in range(0, len(pad.pad), 2)]
     symmetric = all(a == b for a, b in pairs) and len(pairs) == nd and isinstance(g["padding"], (int, tuple))
     conv_padding = _as_tuple(g["padding"], nd) if kind == "conv" and not isinstance(g["padding"], str) else None
@@ -136,7 +156,12 @@ def bake_model(
         model = _set_submodule(model, layer.name, new)
         base = f"{layer.name}." if layer.name else ""
         report.baked.append(
-            BakedLayer(layer, f"{base}{prefix}weight", f"{base}{prefix}bias" if new.state_dict().get(f"{prefix}bias") is not None else None, type(new).__name__)
+            BakedLayer(
+                layer,
+                f"{base}{prefix}weight",
+                f"{base}{prefix}bias" if new.state_dict().get(f"{prefix}bias") is not None else None,
+                type(new).__name__,
+            )
         )
         if progress:
             progress(i + 1, len(detection.layers))

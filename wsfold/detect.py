@@ -37,10 +37,30 @@ _SIGNATURES = {
 }
 # Exact types known to hand their own Parameter to the op; subclasses are still probed.
 _PLAIN_TYPES = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Embedding, nn.EmbeddingBag, nn.PReLU,
-    nn.MultiheadAttention, nn.Bilinear, nn.LSTM, nn.GRU, nn.RNN,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.PReLU,
+    nn.MultiheadAttention,
+    nn.Bilinear,
+    nn.LSTM,
+    nn.GRU,
+    nn.RNN,
 )
 KNOWN_CLASSES = {
     "StdConv2d": "timm StdConv2d",
@@ -111,12 +131,40 @@ class DerivedLayer:
     def out_channels(self) -> int:
         return self.weight_shape[0]
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "known_as": self.known_as,
+            "op": self.op,
+            "formula": self.formula_name,
+            "description": self.formula.description if self.formula else None,
+            "eps": self.eps,
+            "fan_in": self.fan_in,
+            "out_channels": self.out_channels,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "padding": _pad_text(self.pad, self.geometry),
+            "misfit": self.misfit,
+            "warnings": list(self.warnings),
+        }
+
+
+def _pad_text(pad: PadSpec | None, geometry: dict[str, Any]) -> str:
+    if pad is None:
+        return str(geometry.get("padding", 0))
+    if pad.same_dynamic:
+        return "TF-SAME (depends on input size)"
+    return f"F.pad{pad.pad} {pad.mode}"
+
 
 @dataclass
 class SkippedLayer:
     name: str
     type: str
     reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "type": self.type, "reason": self.reason}
 
 
 @dataclass
@@ -126,6 +174,13 @@ class Detection:
     layers: list[DerivedLayer]
     unsupported: list[SkippedLayer]
     unprobed: list[SkippedLayer]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "unsupported": [u.to_dict() for u in self.unsupported],
+            "unprobed": [u.to_dict() for u in self.unprobed],
+        }
 
 
 class _Recorder(TorchFunctionMode):
@@ -204,7 +259,11 @@ def _as_tuple(value: Any, n: int) -> tuple[int, ...]:
 
 
 def _run_probe(
-    module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, seed: int, overrides: dict[str, torch.Tensor] | None = None
+    module: nn.Module,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    seed: int,
+    overrides: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Any, _Recorder, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
@@ -225,7 +284,9 @@ def _run_probe(
     return out, recorder, x
 
 
-def tf_same_pad(size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+def tf_same_pad(
+    size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[int, ...]:
     """TF "SAME" padding in F.pad order (last spatial dim first)."""
     pads: list[int] = []
     for n, k, s, d in zip(reversed(size), reversed(kernel), reversed(stride), reversed(dilation)):
@@ -280,7 +341,9 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
         return SkippedLayer(name, type_name, "calls a different number of ops for different inputs")
     if len(first[4]) > 1:
         ops_list = ", ".join(c.op for c in first[4])
-        return SkippedLayer(name, type_name, f"calls {len(first[4])} ops ({ops_list}) with derived weights; it is not one plain op")
+        return SkippedLayer(
+            name, type_name, f"calls {len(first[4])} ops ({ops_list}) with derived weights; it is not one plain op"
+        )
     call = derived_calls[0]
     w0 = call.args["weight"]
     for r in derived_runs[1:]:
@@ -296,9 +359,11 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
     # module's input (directly or through one F.pad of it).
     pad_spec = None
     pads_per_run = []
-    for shape, out, rec, x, ops, derived in derived_runs:
+    for shape, out, rec, x, _ops, derived in derived_runs:
         c = derived[0]
-        if out is not c.output and not (isinstance(out, torch.Tensor) and out.shape == c.output.shape and torch.equal(out, c.output)):
+        if out is not c.output and not (
+            isinstance(out, torch.Tensor) and out.shape == c.output.shape and torch.equal(out, c.output)
+        ):
             return SkippedLayer(name, type_name, "does more than one op (its output is not the op's output)")
         inp = c.args["input"]
         if inp is x:
@@ -308,7 +373,14 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
         if not pad_calls or pad_calls[0].args["input"] is not x:
             return SkippedLayer(name, type_name, "transforms its input before the op in a way other than padding")
         p = pad_calls[0].args
-        pads_per_run.append((p.get("mode", "constant") or "constant", float(p.get("value") or 0.0), tuple(int(v) for v in p["pad"]), shape))
+        pads_per_run.append(
+            (
+                p.get("mode", "constant") or "constant",
+                float(p.get("value") or 0.0),
+                tuple(int(v) for v in p["pad"]),
+                shape,
+            )
+        )
     geometry = _geometry(call)
     if any(p is not None for p in pads_per_run):
         if any(p is None for p in pads_per_run) or len({(p[0], p[1]) for p in pads_per_run}) > 1:
@@ -323,16 +395,21 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
             if mode == "constant" and all(tf_same_pad(p[3][2:], k, s, d) == p[2] for p in pads_per_run):
                 pad_spec = PadSpec(mode, value, None, same_dynamic=True)
             else:
-                return SkippedLayer(name, type_name, "pads its input by an amount that depends on the input size and is not TF-SAME")
+                return SkippedLayer(
+                    name, type_name, "pads its input by an amount that depends on the input size and is not TF-SAME"
+                )
 
     # Where does the weight come from: the raw tensor of the same shape among the layer's own tensors.
-    raw_name, raw = next(((k, t) for k, t in own.items() if t.shape == w0.shape and t.is_floating_point()), (None, None))
+    raw_name, raw = next(
+        ((k, t) for k, t in own.items() if t.shape == w0.shape and t.is_floating_point()), (None, None)
+    )
     bias = call.args.get("bias")
     bias_param = next((k for k, t in own.items() if t is bias), None) if bias is not None else None
     formula = misfit = None
     if raw is not None:
         per_channel = {
-            k: t for k, t in own.items()
+            k: t
+            for k, t in own.items()
             if k not in (raw_name, bias_param) and t.is_floating_point() and t.numel() == w0.shape[0]
         }
         scalars, eps_hints = _scalar_attributes(module)
@@ -347,9 +424,19 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
             formula, misfit = found
     fan_in = int(w0[0].numel())
     layer = DerivedLayer(
-        name=name, type=type_name, op=call.op, geometry=geometry, weight_shape=tuple(w0.shape), dtype=w0.dtype,
-        source_param=raw_name or "", formula=formula, misfit=misfit, fan_in=fan_in, pad=pad_spec,
-        known_as=KNOWN_CLASSES.get(type_name) or ("torch.nn.utils.parametrize" if hasattr(module, "parametrizations") else None),
+        name=name,
+        type=type_name,
+        op=call.op,
+        geometry=geometry,
+        weight_shape=tuple(w0.shape),
+        dtype=w0.dtype,
+        source_param=raw_name or "",
+        formula=formula,
+        misfit=misfit,
+        fan_in=fan_in,
+        pad=pad_spec,
+        known_as=KNOWN_CLASSES.get(type_name)
+        or ("torch.nn.utils.parametrize" if hasattr(module, "parametrizations") else None),
         bias_is_param=bias_param,
     )
     if formula is None:

@@ -53,7 +53,10 @@ class Formula:
     def description(self) -> str:
         scale = " * ".join(
             part
-            for part in (self.scale_tensor, self.scale_const_name or (None if self.scale_const == 1.0 else repr(self.scale_const)))
+            for part in (
+                self.scale_tensor,
+                self.scale_const_name or (None if self.scale_const == 1.0 else repr(self.scale_const)),
+            )
             if part
         )
         text = f"(W - mean) / [{_DENOMINATORS[self.variant][0]}]"
@@ -197,7 +200,7 @@ def identify_formula(
     # Among fits equally good up to rounding noise, the first in priority order wins (instance eps, V1 first).
     noise = torch.finfo(dtype).eps if dtype != torch.float64 else 1e-15
     floor = max(best * 1.25, noise)
-    for err, _, formula in sorted((s for s in scored if s[0] <= floor), key=lambda s: s[1]):
+    for _err, _, formula in sorted((s for s in scored if s[0] <= floor), key=lambda s: s[1]):
         scale = per_channel.get(formula.scale_tensor) if formula.scale_tensor else None
         shift = per_channel.get(formula.shift_tensor) if formula.shift_tensor else None
         misfits = []

@@ -20,7 +20,19 @@ from torch import nn
 
 from .errors import ArchitectureError, OptionError, PickleRefusedError, SourceError
 
-STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema", "model_ema", "ema_state_dict", "net", "network", "params", "weights")
+STATE_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "ema",
+    "model_ema",
+    "ema_state_dict",
+    "net",
+    "network",
+    "params",
+    "weights",
+)
 MANIFEST_KEY = "wsfold"
 
 
@@ -56,7 +68,9 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dic
         raise SourceError(f"{path} is a directory, not a checkpoint file.", "pass the checkpoint file itself.")
     size = path.stat().st_size
     if size == 0:
-        raise SourceError(f"{path} is empty (0 bytes).", "the download or copy probably failed; fetch the checkpoint again.")
+        raise SourceError(
+            f"{path} is empty (0 bytes).", "the download or copy probably failed; fetch the checkpoint again."
+        )
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     with open(path, "rb") as fh:
@@ -68,21 +82,27 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dic
             "pass a .pt/.pth/.bin file written by torch.save, or a .safetensors file.",
         )
     if head.startswith(b"PK") and not zipfile.is_zipfile(path):
-        raise SourceError(f"{path} is truncated or corrupt (its zip directory is unreadable).", "fetch the checkpoint again.")
+        raise SourceError(
+            f"{path} is truncated or corrupt (its zip directory is unreadable).", "fetch the checkpoint again."
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
         return obj, None
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" not in text:
-            raise SourceError(f"{path} is not a readable PyTorch checkpoint ({text.splitlines()[0]}).", "fetch the checkpoint again.") from None
+            raise SourceError(
+                f"{path} is not a readable PyTorch checkpoint ({text.splitlines()[0]}).", "fetch the checkpoint again."
+            ) from None
         if not allow_pickle:
             raise PickleRefusedError(
-                f"{path} holds code-bearing pickle data (for example a whole nn.Module), which can run code when loaded.",
+                f"{path} holds code-bearing pickle data (e.g. a whole nn.Module) that can run code when loaded.",
                 "if you trust this file, pass --allow-pickle; otherwise save a state dict and use --arch.",
             ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        raise SourceError(f"{path} is truncated or corrupt ({str(exc).splitlines()[0]}).", "fetch the checkpoint again.") from None
+        raise SourceError(
+            f"{path} is truncated or corrupt ({str(exc).splitlines()[0]}).", "fetch the checkpoint again."
+        ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False), None
     except Exception as exc:  # noqa: BLE001 - unpickling arbitrary user objects can raise anything
@@ -100,7 +120,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             metadata = fh.metadata()
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise SourceError(f"{path} is not a valid safetensors file ({str(exc).splitlines()[0]}).", "fetch the checkpoint again.") from None
+        raise SourceError(
+            f"{path} is not a valid safetensors file ({str(exc).splitlines()[0]}).", "fetch the checkpoint again."
+        ) from None
     return tensors, metadata
 
 
@@ -115,10 +137,16 @@ def find_state_dict(obj: Any, state_key: str | None, path: Path) -> tuple[dict[s
         for part in state_key.split("."):
             if not isinstance(node, Mapping) or part not in node:
                 keys = ", ".join(map(str, list(obj)[:10])) if isinstance(obj, Mapping) else type(obj).__name__
-                raise OptionError(f"--state-key {state_key!r} is not in {path} (top-level keys: {keys}).", "pick one of the keys listed.")
+                raise OptionError(
+                    f"--state-key {state_key!r} is not in {path} (top-level keys: {keys}).",
+                    "pick one of the keys listed.",
+                )
             node = node[part]
         if not _is_state_dict(node):
-            raise OptionError(f"--state-key {state_key!r} in {path} does not hold a state dict of tensors.", "pick the key that holds the model weights.")
+            raise OptionError(
+                f"--state-key {state_key!r} in {path} does not hold a state dict of tensors.",
+                "pick the key that holds the model weights.",
+            )
         return _strip_prefix(dict(node)), state_key
     if _is_state_dict(obj):
         return _strip_prefix(dict(obj)), None
@@ -131,7 +159,10 @@ def find_state_dict(obj: Any, state_key: str | None, path: Path) -> tuple[dict[s
             f"{path} holds a dict without a state dict under any usual key (keys: {keys}).",
             "name the key that holds the weights with --state-key KEY.",
         )
-    raise SourceError(f"{path} holds a {type(obj).__name__}, not a state dict or an nn.Module.", "save the model's state_dict() with torch.save.")
+    raise SourceError(
+        f"{path} holds a {type(obj).__name__}, not a state dict or an nn.Module.",
+        "save the model's state_dict() with torch.save.",
+    )
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -145,7 +176,10 @@ def resolve_arch(spec: str) -> Callable[..., Any]:
     """``package.module:callable`` or ``path/to/file.py:callable``."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise ArchitectureError(f"--arch {spec!r} is not of the form package.module:callable or path/to/file.py:callable.", "add ':callable'.")
+        raise ArchitectureError(
+            f"--arch {spec!r} is not of the form package.module:callable or path/to/file.py:callable.",
+            "add ':callable'.",
+        )
     if target.endswith(".py"):
         file = Path(target)
         if not file.is_file():
@@ -168,10 +202,14 @@ def resolve_arch(spec: str) -> Callable[..., Any]:
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ArchitectureError(f"--arch {spec!r}: {target} has no attribute {attr!r}.", "check the name after ':'.")
+            raise ArchitectureError(
+                f"--arch {spec!r}: {target} has no attribute {attr!r}.", "check the name after ':'."
+            )
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ArchitectureError(f"--arch {spec!r} is not callable.", "point at a class or a function returning an nn.Module.")
+        raise ArchitectureError(
+            f"--arch {spec!r} is not callable.", "point at a class or a function returning an nn.Module."
+        )
     return obj
 
 
@@ -179,7 +217,9 @@ def _import(name: str, spec: str):
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        raise ArchitectureError(f"--arch {spec!r}: cannot import {name} ({exc}).", "install the package or pass path/to/file.py:callable.") from None
+        raise ArchitectureError(
+            f"--arch {spec!r}: cannot import {name} ({exc}).", "install the package or pass path/to/file.py:callable."
+        ) from None
 
 
 def build_arch(spec: str, kwargs: dict[str, Any] | str | None = None) -> nn.Module:
@@ -188,22 +228,33 @@ def build_arch(spec: str, kwargs: dict[str, Any] | str | None = None) -> nn.Modu
         try:
             kwargs = json.loads(kwargs) if kwargs.strip() else {}
         except json.JSONDecodeError as exc:
-            raise OptionError(f"--arch-kwargs is not valid JSON ({exc}).", 'pass an object such as \'{"num_classes": 10}\'.') from None
+            raise OptionError(
+                f"--arch-kwargs is not valid JSON ({exc}).", "pass an object such as '{\"num_classes\": 10}'."
+            ) from None
         if not isinstance(kwargs, dict):
-            raise OptionError("--arch-kwargs must be a JSON object.", 'pass an object such as \'{"num_classes": 10}\'.')
+            raise OptionError("--arch-kwargs must be a JSON object.", "pass an object such as '{\"num_classes\": 10}'.")
     fn = resolve_arch(spec)
     try:
         model = fn(**(kwargs or {}))
     except TypeError as exc:
-        raise ArchitectureError(f"--arch {spec!r} could not be called with {kwargs or {}} ({exc}).", "fix --arch-kwargs.") from None
+        raise ArchitectureError(
+            f"--arch {spec!r} could not be called with {kwargs or {}} ({exc}).", "fix --arch-kwargs."
+        ) from None
     if not isinstance(model, nn.Module):
-        raise ArchitectureError(f"--arch {spec!r} returned a {type(model).__name__}, not an nn.Module.", "point at a callable that builds the model.")
+        raise ArchitectureError(
+            f"--arch {spec!r} returned a {type(model).__name__}, not an nn.Module.",
+            "point at a callable that builds the model.",
+        )
     return model
 
 
 def _describe_misfit(missing: list[str], unexpected: list[str], shapes: list[str], spec: str) -> ArchitectureError:
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape clash (checkpoint vs model)", shapes)):
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("shape clash (checkpoint vs model)", shapes),
+    ):
         if items:
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
             parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
@@ -217,7 +268,11 @@ def load_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], spec: str) -> 
     """Load with the checkpoint's own tensors and dtypes (assign), strictly, but through the model's load hooks:
     a layer that fills a missing key itself (mmcv ConvAWS2d's gamma/beta) is not a mismatch."""
     expected = model.state_dict()
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
     if shapes:
         raise _describe_misfit([], [], shapes, spec)
     result = model.load_state_dict(sd, strict=False, assign=True)

@@ -10,7 +10,9 @@ from torch import nn
 class SamePad(nn.Module):
     """Zero-pads like TensorFlow's "SAME" for the given kernel, stride and dilation (last dims of the input)."""
 
-    def __init__(self, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...], value: float = 0.0):
+    def __init__(
+        self, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...], value: float = 0.0
+    ):
         super().__init__()
         self.kernel_size = tuple(kernel_size)
         self.stride = tuple(stride)
@@ -22,9 +24,11 @@ class SamePad(nn.Module):
         for i in range(1, len(self.kernel_size) + 1):
             size = x.shape[-i]
             k, s, d = self.kernel_size[-i], self.stride[-i], self.dilation[-i]
-            total = torch.clamp(
-                torch.as_tensor((-(-size // s) - 1) * s + (k - 1) * d + 1 - size), min=0
-            ) if isinstance(size, torch.Tensor) else max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            total = (
+                torch.clamp(torch.as_tensor((-(-size // s) - 1) * s + (k - 1) * d + 1 - size), min=0)
+                if isinstance(size, torch.Tensor)
+                else max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            )
             pads += [total // 2, total - total // 2]
         return F.pad(x, pads, value=self.value)
 

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+CKPT = FIXTURES / "ckpt"
+sys.path.insert(0, str(FIXTURES))
+
+# A wide, non-TTY console for CLI output; no colour codes in assertions.
+os.environ["COLUMNS"] = "200"
+os.environ["NO_COLOR"] = "1"
+os.environ.pop("WSFOLD_DEBUG", None)
+
+from catalog import FIXTURES as CATALOG  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkpoints():
+    """The checkpoints are tracked in git; regenerate them if a clean checkout lacks one."""
+    if not all((CKPT / spec["file"]).exists() for spec in CATALOG.values()):
+        import make_fixtures
+
+        make_fixtures.main()
+
+
+def arch_spec(name: str) -> str:
+    return f"{FIXTURES / 'models.py'}:{CATALOG[name]['arch']}"
+
+
+def ckpt(name: str) -> Path:
+    return CKPT / CATALOG[name]["file"]
+
+
+def load_fixture(name: str):
+    from wsfold.load import load_model
+
+    return load_model(ckpt(name), arch=arch_spec(name)).model
+
+
+def fixture_input(name: str, batch: int | None = None, seed: int = 0) -> torch.Tensor:
+    shape = list(CATALOG[name]["input"])
+    if batch is not None:
+        shape[0] = batch
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen).to(CATALOG[name].get("dtype", torch.float32))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference relative to the reference's output scale (max |b|)."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# Output tolerance relative to the output scale, by dtype: float32 as the issue demands, half precision at a few ulp.
+OUT_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import CATALOG, OUT_TOL, ROOT, fixture_input, load_fixture, rel_err
+from torch.overrides import TorchFunctionMode
+
+from wsfold.bake import bake_model
+from wsfold.detect import OPS
+
+
+class _CaptureWeights(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in OPS:
+            self.weights.append(args[1] if len(args) > 1 else kwargs["weight"])
+        return func(*args, **(kwargs or {}))
+
+
+def exact_weight(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the layer's own code computes when run in float64: the exact math, independent of wsfold's formulas."""
+    import copy
+
+    m64 = copy.deepcopy(module).double()
+    cap = _CaptureWeights()
+    with torch.no_grad(), cap:
+        m64(x.double())
+    return cap.weights[0]
+
+
+@pytest.mark.parametrize("name", sorted(CATALOG))
+def test_baked_model_matches_original(name):
+    model = load_fixture(name)
+    baked, report = bake_model(model)
+    dtype = CATALOG[name].get("dtype", torch.float32)
+    for seed in range(3):
+        x = fixture_input(name, seed=seed)
+        with torch.no_grad():
+            assert rel_err(baked(x), model(x)) < OUT_TOL[dtype]
+    assert len(report.baked) == len(CATALOG[name]["layers"])
+
+
+@pytest.mark.parametrize("name", ["variants", "dims", "functional_and_parametrized", "bit_tiny", "half", "bf16"])
+def test_baked_weights_are_within_half_ulp_of_the_float64_formula(name):
+    model = load_fixture(name)
+    baked, report = bake_model(model)
+    for b in report.baked:
+        if b.layer.name in ("tr",) or b.layer.type == "DtypeEpsConv2d":
+            # ConvTranspose needs a differently shaped probe; the dtype-eps layer picks another eps in float64.
+            continue
+        original = model.get_submodule(b.layer.name)
+        in_ch = b.layer.weight_shape[1] * b.layer.geometry.get("groups", 1)
+        probe = torch.randn(1, in_ch, *[12] * (len(b.layer.weight_shape) - 2))
+        if b.layer.op == "linear":
+            probe = torch.randn(2, b.layer.weight_shape[1])
+        if b.layer.name == "0" and name == "functional_and_parametrized":
+            probe = torch.randn(1, 3, 8, 8)
+        exact = exact_weight(original, probe)
+        got = baked.get_submodule(b.weight_key.rsplit(".", 1)[0]).weight
+        # The spacing on the side where the exact value lies (it halves below a power of two).
+        up = torch.nextafter(got, torch.full_like(got, float("inf"))).double() - got.double()
+        down = got.double() - torch.nextafter(got, torch.full_like(got, float("-inf"))).double()
+        ulp = torch.where(exact > got.double(), up, down)
+        err = (got.double() - exact).abs()
+        assert bool((err <= 0.5 * ulp + 1e-300).all()), (b.layer.name, (err / ulp).max().item())
+
+
+def test_dtype_dependent_eps_is_baked_at_the_models_dtype():
+    model = load_fixture("half")
+    baked, report = bake_model(model)
+    layer = next(b for b in report.baked if b.layer.type == "DtypeEpsConv2d").layer
+    assert layer.eps == pytest.approx(1e-3)  # what float16 input makes it use, not the float32 branch's 1e-5
+    x = fixture_input("half")
+    with torch.no_grad():
+        assert rel_err(baked(x), model(x)) < OUT_TOL[torch.float16]
+
+
+def test_bake_does_not_mutate_its_input():
+    model = load_fixture("variants")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    baked, _ = bake_model(model)
+    assert [type(m) for m in model.modules()] == types
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert baked is not model
+
+
+def test_unsupported_layers_are_left_as_they_are():
+    import models
+
+    model = load_fixture("unsupported")
+    baked, report = bake_model(model)
+    assert isinstance(baked[1], models.SAConv2d) and isinstance(baked[2], models.InputScaledConv2d)
+    assert type(baked[0]) is torch.nn.Conv2d
+
+
+def test_same_padding_stride_2_is_correct_at_odd_and_even_sizes():
+    model = load_fixture("bit_tiny")
+    baked, _ = bake_model(model)
+    for size in (31, 32, 33, 40):
+        x = torch.randn(2, 3, size, size + 1)
+        with torch.no_grad():
+            assert rel_err(baked(x), model(x)) < 1e-5, size
+
+
+def test_baked_layers_are_plain_torch_nn(tmp_path):
+    baked, _ = bake_model(load_fixture("variants"))
+    ws_types = {type(m).__module__ for m in baked.modules()}
+    assert ws_types <= {"torch.nn.modules.container", "torch.nn.modules.conv", "torch.nn.modules.activation"}
+
+
+def test_baked_pt_loads_without_the_ws_code(tmp_path):
+    from conftest import arch_spec, ckpt
+    from typer.testing import CliRunner
+
+    from wsfold.cli.app import app  # noqa: F401 - the CLI is what users run
+
+    out = tmp_path / "bit.baked.pt"
+    result = CliRunner().invoke(
+        app, ["bake", str(ckpt("bit_tiny")), "--arch", arch_spec("bit_tiny"), "-o", str(out), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    x = fixture_input("bit_tiny")
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = load_fixture("bit_tiny")(x)
+    torch.save(expected, tmp_path / "y.pt")
+    code = (
+        "import sys, torch; sys.modules.pop('models', None);"
+        f"m = torch.load(r'{out}', weights_only=False); x = torch.load(r'{tmp_path / 'x.pt'}');"
+        f"y = torch.load(r'{tmp_path / 'y.pt'}');"
+        "assert not any(type(l).__module__ == 'models' for l in m.modules());"
+        "err = ((m(x) - y).abs().max() / y.abs().max()).item(); assert err < 1e-5, err; print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={"PATH": ""})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert ROOT  # the subprocess runs outside the repo, without fixtures/ on its path

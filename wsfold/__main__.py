@@ -1,0 +1,3 @@
+from wsfold.cli import main
+
+main()
