@@ -8,11 +8,14 @@ from torch import nn
 
 
 class SamePad(nn.Module):
-    """Zero-pads like TensorFlow's "SAME" for the given kernel, stride and dilation (last dims of the input)."""
+    """Zero-pads like TensorFlow's "SAME" for the given kernel, stride and dilation (trailing dims of the input).
+
+    Written with symbolic-shape friendly arithmetic so that torch.export keeps it correct for every input size.
+    """
 
     def __init__(
         self, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...], value: float = 0.0
-    ):
+    ) -> None:
         super().__init__()
         self.kernel_size = tuple(kernel_size)
         self.stride = tuple(stride)
@@ -20,15 +23,13 @@ class SamePad(nn.Module):
         self.value = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads: list[int] = []
+        pads: list = []
         for i in range(1, len(self.kernel_size) + 1):
             size = x.shape[-i]
             k, s, d = self.kernel_size[-i], self.stride[-i], self.dilation[-i]
-            total = (
-                torch.clamp(torch.as_tensor((-(-size // s) - 1) * s + (k - 1) * d + 1 - size), min=0)
-                if isinstance(size, torch.Tensor)
-                else max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            )
+            need = (size + s - 1) // s * s - s + (k - 1) * d + 1 - size
+            # int in eager, SymInt under torch.export, a 0-d tensor under torch.jit tracing
+            total = need.clamp(min=0) if isinstance(need, torch.Tensor) else torch.sym_max(need, 0)
             pads += [total // 2, total - total // 2]
         return F.pad(x, pads, value=self.value)
 

@@ -146,8 +146,116 @@ def bake(
         console.print(f"wrote {out} ({len(report.baked)} layer(s) baked)")
 
 
-def run() -> None:  # pragma: no cover - entry point used by tests through subprocess
-    app()
+InputShape = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        help="Input shape such as 1,3,224,224; repeat for several inputs. Default: the size the model declares.",
+    ),
+]
+InputDtype = Annotated[
+    str | None, typer.Option("--input-dtype", help="float32, float16 or float64. Default: the model's dtype.")
+]
+
+
+def _load_and_bake(source, arch, arch_kwargs, state_key, allow_pickle, stages):
+    from ..bake import bake_model
+    from ..detect import detect_layers
+
+    loaded = _load(source, arch, arch_kwargs, state_key, allow_pickle, stages)
+    detection = detect_layers(loaded.model, progress=stages.stage("probe layers"))
+    baked, report = bake_model(loaded.model, detection, inplace=True, progress=stages.stage("bake layers"))
+    return loaded, baked, report
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    from ..errors import OptionError
+    from ..export import DTYPES
+
+    if name not in DTYPES:
+        raise OptionError(f"--input-dtype {name!r} is not one of {', '.join(DTYPES)}.", "use --input-dtype float32.")
+    return DTYPES[name]
+
+
+@app.command()
+@handle_errors
+def export(
+    source: Source,
+    onnx_path: Annotated[
+        Path, typer.Option("--onnx", help="Where to write the ONNX graph (.onnx).", show_default=False)
+    ],
+    input_shape: InputShape = None,
+    input_dtype: InputDtype = None,
+    static_batch: Annotated[
+        bool, typer.Option("--static-batch", help="Fix the batch dimension (dynamic by default).")
+    ] = False,
+    dynamic_hw: Annotated[bool, typer.Option("--dynamic-hw", help="Make spatial dimensions dynamic too.")] = False,
+    exporter: Annotated[
+        str, typer.Option("--exporter", help="torchscript (default: fastest, see README) or dynamo.")
+    ] = "torchscript",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
+    external_data: Annotated[
+        bool, typer.Option("--external-data", help="Store weights in OUT.onnx.data (automatic above 1.8 GB).")
+    ] = False,
+    no_simplify: Annotated[
+        bool, typer.Option("--no-simplify", help="Skip onnxscript's optimizer on the TorchScript export.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the ONNX file if it exists.")] = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    state_key: StateKey = None,
+    allow_pickle: AllowPickle = False,
+    json_output: JsonOut = False,
+    quiet: Quiet = False,
+    progress: ShowProgress = False,
+) -> None:
+    """Bake SOURCE in memory (if needed) and write an ONNX graph whose every weight is a constant."""
+    from ..export import export_onnx, resolve_input_shapes
+    from ..io import check_output
+    from ..load import file_sha256
+
+    check_output(onnx_path, force=force, source=source, suffixes=(".onnx",))
+    dtype = _dtype(input_dtype)
+    with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
+        loaded, baked, report = _load_and_bake(source, arch, arch_kwargs, state_key, allow_pickle, stages)
+        shapes = resolve_input_shapes(baked, input_shape)
+        result = export_onnx(
+            baked,
+            onnx_path,
+            input_shapes=shapes,
+            input_dtype=dtype,
+            dynamic_batch=not static_batch,
+            dynamic_hw=dynamic_hw,
+            exporter=exporter,
+            opset=opset,
+            external_data=True if external_data else None,
+            simplify=not no_simplify,
+            baked=len(report.baked) or len((loaded.manifest or {}).get("layers", [])),
+            metadata={"wsfold_source_sha256": file_sha256(source), "wsfold_source": source.name},
+            force=force,
+            source=source,
+            progress=stages.sequence(),
+        )
+    if json_output:
+        _emit_json(result.to_dict())
+    elif not quiet:
+        console = _stdout()
+        console.print(
+            f"wrote {result.output}: {result.nodes} nodes, {result.initializers} initializers, opset {result.opset}, "
+            f"{result.exporter} exporter, {len(report.baked)} layer(s) baked"
+            + (", weights in " + result.output.name + ".data" if result.external_data else ""),
+            highlight=False,
+        )
+        for note in result.notes:
+            console.print(f"note: {note}", highlight=False)
+        if result.pad_guards:
+            console.print(
+                f"note: {len(result.pad_guards)} Pad(0)+MaxPool pair(s) written with pad value -0.0 so that "
+                "onnxruntime does not fuse them into a -inf-padded MaxPool",
+                highlight=False,
+            )
 
 
 __all__ = ["app", "EXIT_VERIFY_FAILED"]

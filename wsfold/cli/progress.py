@@ -23,6 +23,17 @@ class Stages:
 
         return update
 
+    def sequence(self) -> Callable[[str], None]:
+        """A callback for a core function that announces its steps by name; each new one completes the last."""
+        current: list[Callable[[], None]] = []
+
+        def announce(description: str) -> None:
+            if current:
+                current.pop()()
+            current.append(self.step(description))
+
+        return announce
+
     def step(self, description: str):
         """A stage with no count: shown as a spinner until the next one starts."""
         cb = self.stage(description)

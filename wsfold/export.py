@@ -1,0 +1,398 @@
+"""Export a (baked) model to ONNX with every weight an initializer, audited, checked and written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import ExportError, OptionError
+from .io import check_output
+
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_EXPORTER = "torchscript"
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB for the whole file
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class ExportResult:
+    """What was written and what was done to the graph."""
+
+    output: Path
+    nodes: int
+    initializers: int
+    external_data: bool
+    baked: int
+    opset: int
+    exporter: str
+    input_names: list[str]
+    input_shapes: list[tuple[int, ...]]
+    output_names: list[str]
+    dynamic_batch: bool
+    dynamic_hw: bool
+    pad_guards: list[str] = field(default_factory=list)
+    deduplicated: int = 0
+    reduce_mean: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output),
+            "nodes": self.nodes,
+            "initializers": self.initializers,
+            "external_data": self.external_data,
+            "baked": self.baked,
+            "opset": self.opset,
+            "exporter": self.exporter,
+            "inputs": [{"name": n, "shape": list(s)} for n, s in zip(self.input_names, self.input_shapes)],
+            "outputs": self.output_names,
+            "dynamic_batch": self.dynamic_batch,
+            "dynamic_hw": self.dynamic_hw,
+            "pad_maxpool_guarded": self.pad_guards,
+            "deduplicated_initializers": self.deduplicated,
+            "notes": self.notes,
+        }
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.strip().split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise OptionError(f"--input-shape {text!r} is not a list of positive integers.", "write it like 1,3,224,224.")
+    return shape
+
+
+def declared_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The input size a model declares (timm pretrained_cfg/default_cfg, transformers config), batch 1."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            return (1, *(int(v) for v in cfg["input_size"]))
+    config = getattr(model, "config", None)
+    size = getattr(config, "image_size", None)
+    channels = getattr(config, "num_channels", None)
+    if size and channels:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (1, int(channels), int(h), int(w))
+    return None
+
+
+def resolve_input_shapes(model: nn.Module, shapes: Sequence[str | tuple[int, ...]] | None) -> list[tuple[int, ...]]:
+    if shapes:
+        return [parse_shape(s) if isinstance(s, str) else tuple(s) for s in shapes]
+    declared = declared_input_shape(model)
+    if declared is None:
+        raise OptionError(
+            "the model does not declare its input size.",
+            "pass --input-shape, e.g. --input-shape 1,3,224,224 (repeat it for several inputs).",
+        )
+    return [declared]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype, *, batch: int | None = None, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(((batch,) + s[1:]) if batch else s, generator=gen, dtype=torch.float32).to(dtype) for s in shapes
+    )
+
+
+def flatten_outputs(out: Any) -> tuple[list[str], list[torch.Tensor]]:
+    """Output names and tensors in the order an exporter flattens them."""
+    if isinstance(out, torch.Tensor):
+        return ["output"], [out]
+    if isinstance(out, dict):
+        names, tensors = [], []
+        for k, v in out.items():
+            sub_names, sub = flatten_outputs(v)
+            names += [str(k) if len(sub) == 1 else f"{k}_{n}" for n in sub_names]
+            tensors += sub
+        return names, tensors
+    if isinstance(out, (tuple, list)):
+        names, tensors = [], []
+        for v in out:
+            _, sub = flatten_outputs(v)
+            names += [f"output_{len(tensors) + j}" for j in range(len(sub))]
+            tensors += sub
+        return names, tensors
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        return flatten_outputs(dict(out))
+    raise ExportError(f"the model returns a {type(out).__name__}; wsfold exports tensors, tuples and dicts of tensors.")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx prints progress to stdout and warns a lot; keep stdout for our own (JSON) output."""
+    sink = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield sink
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def freeze_same_pads(model: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Module:
+    """With static spatial dims, TF-SAME padding is a constant: replace each SamePad by the torch.nn pad it
+    amounts to at this input size (the exported graph then has no shape arithmetic). Returns a copy."""
+    from .bake import _shallow_copy_tree
+    from .detect import tf_same_pad
+    from .modules import SamePad
+
+    names = [n for n, m in model.named_modules() if isinstance(m, SamePad)]
+    if not names:
+        return model
+    sizes: dict[str, tuple[int, ...]] = {}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda mod, inp, n=n: sizes.__setitem__(n, tuple(inp[0].shape))
+        )
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    frozen = _shallow_copy_tree(model, set(sizes))
+    pad_cls = {1: nn.ConstantPad1d, 2: nn.ConstantPad2d, 3: nn.ConstantPad3d}
+    for name, shape in sizes.items():
+        m = model.get_submodule(name)
+        nd = len(m.kernel_size)
+        pads = tf_same_pad(shape[-nd:], m.kernel_size, m.stride, m.dilation)
+        parent, _, leaf = name.rpartition(".")
+        setattr(frozen.get_submodule(parent) if parent else frozen, leaf, pad_cls[nd](pads, m.value))
+    return frozen
+
+
+def _run_exporter(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    *,
+    exporter: str,
+    opset: int,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_batch: bool,
+    dynamic_hw: bool,
+    external: bool,
+) -> None:
+    if exporter == "torchscript":
+        axes: dict[str, dict[int, str]] = {}
+        for name, x in zip(input_names, args):
+            dims = {0: "batch"} if dynamic_batch else {}
+            if dynamic_hw:
+                dims.update({d: f"{name}_dim{d}" for d in range(2, x.ndim)})
+            if dims:
+                axes[name] = dims
+        if dynamic_batch:
+            axes.update({name: {0: "batch"} for name in output_names})
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=axes or None,
+            do_constant_folding=True,
+        )
+        return
+    dim = torch.export.Dim
+    batch = dim("batch") if dynamic_batch else None
+    shapes = []
+    for i, x in enumerate(args):
+        spec: dict[int, Any] = {0: batch} if batch is not None else {}
+        if dynamic_hw:
+            spec.update({d: dim(f"in{i}_d{d}") for d in range(2, x.ndim)})
+        shapes.append(spec or None)
+    torch.onnx.export(
+        model,
+        args,
+        str(path),
+        dynamo=True,
+        opset_version=opset,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_shapes=tuple(shapes),
+        external_data=external,
+        optimize=True,
+        verbose=False,
+    )
+
+
+def export_onnx(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    input_shapes: list[tuple[int, ...]],
+    input_dtype: torch.dtype | None = None,
+    dynamic_batch: bool = True,
+    dynamic_hw: bool = False,
+    exporter: str = DEFAULT_EXPORTER,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+    simplify: bool = True,
+    metadata: dict[str, str] | None = None,
+    baked: int = 0,
+    force: bool = False,
+    source: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export ``model`` (already baked) to ``out``. ``external_data=None`` picks it automatically above ~1.8 GB."""
+    import onnx
+
+    from .onnx_graph import audit_graph, count_ops, dedupe_initializers, drop_unused_initializers, guard_pad_maxpool
+
+    out = check_output(Path(out), force=force, source=source, suffixes=(".onnx",))
+    if exporter not in EXPORTERS:
+        raise OptionError(
+            f"--exporter {exporter!r} is not one of {', '.join(EXPORTERS)}.", "use --exporter torchscript or dynamo."
+        )
+    notes = []
+    dtype = input_dtype or model_dtype(model)
+    if dtype == torch.bfloat16:
+        # ONNX Conv has no bfloat16; widening the baked bfloat16 weights to float32 is exact.
+        dtype = torch.float32
+        notes.append("bfloat16 model exported as float32 (ONNX Conv has no bfloat16; the weights widen exactly)")
+    if dtype != model_dtype(model):
+        model = model.to(dtype)  # the caller hands a model it owns (baked in memory)
+    model.eval()
+    trace_batch = 2 if dynamic_batch and input_shapes[0][0] == 1 else None
+    args = example_inputs(input_shapes, dtype, batch=trace_batch)
+    if not dynamic_hw:
+        model = freeze_same_pads(model, args)
+    with torch.no_grad():
+        try:
+            reference = model(*args)
+        except Exception as exc:  # noqa: BLE001 - the user's shapes may not fit the model
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise OptionError(
+                f"the model cannot run on inputs of shape {', '.join(str(tuple(a.shape)) for a in args)} ({first}).",
+                "fix --input-shape / --input-dtype.",
+            ) from None
+    output_names, _ = flatten_outputs(reference)
+    input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    n_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    external = n_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        raw_path = tmpdir / "exported.onnx"
+        if progress:
+            progress(f"torch.onnx.export ({exporter})")
+        with _quiet_exporter():
+            _run_exporter(
+                model,
+                args,
+                raw_path,
+                exporter=exporter,
+                opset=opset,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_batch=dynamic_batch,
+                dynamic_hw=dynamic_hw,
+                external=external,
+            )
+        if progress:
+            progress("audit and rewrite graph")
+        proto = onnx.load(str(raw_path), load_external_data=True)
+        if simplify and exporter == "torchscript":
+            # The dynamo exporter already ran onnxscript's optimizer; the TorchScript one leaves constant
+            # subgraphs (pad construction, shape arithmetic) that it folds.
+            import onnxscript.optimizer
+
+            proto = onnxscript.optimizer.optimize(proto)
+        deduped = dedupe_initializers(proto)
+        guards = guard_pad_maxpool(proto)
+        drop_unused_initializers(proto)
+        problems = audit_graph(proto)
+        if problems:
+            more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+            raise ExportError(
+                "the exported graph still computes weights: " + "; ".join(problems[:2]) + more + ".",
+                "run `wsfold inspect` on SOURCE: unsupported layers stay as they are and cannot export as constants.",
+            )
+        props = {"wsfold_version": __version__, "wsfold_baked_layers": str(baked), **(metadata or {})}
+        existing = {p.key: p for p in proto.metadata_props}
+        for key, value in props.items():
+            entry = existing.get(key) or proto.metadata_props.add()
+            entry.key, entry.value = key, str(value)
+        final = tmpdir / out.name
+        data_name = f"{out.name}.data"
+        for stale in tmpdir.glob("*.data"):
+            stale.unlink()
+        onnx.save_model(
+            proto,
+            str(final),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        if progress:
+            progress("onnx.checker (full check)")
+        try:
+            onnx.checker.check_model(str(final), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"onnx.checker rejects the exported graph: {str(exc).splitlines()[0]}") from None
+        nodes, initializers, reduce_mean = (
+            len(proto.graph.node),
+            len(proto.graph.initializer),
+            count_ops(proto, "ReduceMean"),
+        )
+        del proto
+        # Data file first, graph last: OUT never points at missing data.
+        stale_data = out.with_name(data_name)
+        if external:
+            os.replace(tmpdir / data_name, stale_data)
+        elif stale_data.exists() and force:
+            stale_data.unlink()
+        os.replace(final, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return ExportResult(
+        output=out,
+        nodes=nodes,
+        initializers=initializers,
+        external_data=external,
+        baked=baked,
+        opset=opset,
+        exporter=exporter,
+        input_names=input_names,
+        input_shapes=list(input_shapes),
+        output_names=output_names,
+        dynamic_batch=dynamic_batch,
+        dynamic_hw=dynamic_hw,
+        pad_guards=guards,
+        deduplicated=deduped,
+        reduce_mean=reduce_mean,
+        notes=notes,
+    )
