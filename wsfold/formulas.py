@@ -111,7 +111,7 @@ def designed_weights(raw: torch.Tensor) -> list[torch.Tensor]:
     decades = torch.arange(low, high + 0.5, 1.0, dtype=torch.float64)
     c = raw.shape[0]
     gen = torch.Generator().manual_seed(1234)
-    base = torch.randn(raw.shape, generator=gen, dtype=torch.float64)
+    base = torch.randn(raw.shape, generator=gen).to(torch.float64)
     centred, var_b, _, _ = channel_stats(base)
     unit = base / torch.sqrt(var_b).reshape(-1, *([1] * (raw.ndim - 1)))
     out = []
@@ -174,33 +174,37 @@ def identify_formula(
     scales += [(k, v.detach().to(torch.float64).reshape(-1)) for k, v in per_channel.items() if k != shift_name]
 
     eps_list = list(dict.fromkeys([*eps_hints, *STANDARD_EPS]))
+    lives = [st[5] for st in stats]
+    # Candidate per-channel factors a_c (known scale tensor times a known constant), over live channels of
+    # every observation: shape [n_candidates, n_live_total].
+    cand_meta = [(sn, cn, c) for sn, _ in scales for cn, c in consts]
+    wants = torch.stack([torch.cat([sv[live] * c for live in lives]) for _, sv in scales for _, c in consts])
+    tops = wants.abs().amax(dim=1).clamp_min(1e-300)
     scored = []
     for variant in VARIANT_ORDER:
         denom_fn = _DENOMINATORS[variant][1]
+        a_rows, keys = [], []
         for eps in eps_list:
             # The per-channel factor each observation implies, a_c = alpha_c * D_c, must be the same known scale.
-            a_obs = [(alpha * denom_fn(vb, vu, nn, eps))[live] for vb, vu, nn, alpha, _, live, _ in stats]
-            if not all(bool(torch.isfinite(a).all()) for a in a_obs):
-                continue
-            for scale_name, scale_vec in scales:
-                for const_name, const in consts:
-                    err = 0.0
-                    for a, (_, _, _, _, _, live, _) in zip(a_obs, stats):
-                        want = scale_vec[live] * const
-                        top = want.abs().max().item() if want.numel() else 1.0
-                        if top == 0.0:
-                            err = math.inf
-                            break
-                        if want.numel():
-                            err = max(err, (a - want).abs().max().item() / top)
-                    scored.append((err, len(scored), Formula(variant, eps, scale_name, const, const_name, shift_name)))
+            a = torch.cat([(alpha * denom_fn(vb, vu, nn, eps))[live] for vb, vu, nn, alpha, _, live, _ in stats])
+            if bool(torch.isfinite(a).all()):
+                a_rows.append(a)
+                keys.append(eps)
+        if not a_rows:
+            continue
+        errs = ((torch.stack(a_rows)[:, None, :] - wants[None, :, :]).abs().amax(dim=2) / tops[None, :]).tolist()
+        for eps, row in zip(keys, errs):
+            for (scale_name, const_name, const), err in zip(cand_meta, row):
+                order = (eps_list.index(eps), VARIANT_ORDER.index(variant))
+                scored.append((err, order, Formula(variant, eps, scale_name, const, const_name, shift_name)))
     if not scored:
         return None
     best = min(s[0] for s in scored)
     # Among fits equally good up to rounding noise, the first in priority order wins (instance eps, V1 first).
     noise = torch.finfo(dtype).eps if dtype != torch.float64 else 1e-15
     floor = max(best * 1.25, noise)
-    for _err, _, formula in sorted((s for s in scored if s[0] <= floor), key=lambda s: s[1]):
+    # Priority: variant order first, then instance eps before standard values.
+    for _err, _, formula in sorted((s for s in scored if s[0] <= floor), key=lambda s: (s[1][1], s[1][0])):
         scale = per_channel.get(formula.scale_tensor) if formula.scale_tensor else None
         shift = per_channel.get(formula.shift_tensor) if formula.shift_tensor else None
         misfits = []

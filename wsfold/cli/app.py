@@ -158,6 +158,78 @@ InputDtype = Annotated[
 ]
 
 
+@app.command()
+@handle_errors
+def verify(
+    source: Source,
+    onnx_path: Annotated[Path, typer.Option("--onnx", help="The ONNX graph to check.", show_default=False)],
+    samples: Annotated[
+        int, typer.Option("--samples", help="Seeded random batches (each at batch 1 and 3 when dynamic).")
+    ] = 3,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first random batch.")] = 0,
+    inputs: Annotated[
+        Path | None, typer.Option("--inputs", help="Real inputs: .npz keyed by input name, or .pt.")
+    ] = None,
+    input_shape: InputShape = None,
+    atol: Annotated[
+        float | None,
+        typer.Option("--atol", help="Use allclose(onnx, original, atol, rtol) instead of the default rule."),
+    ] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance for the allclose rule.")] = None,
+    per_layer: Annotated[
+        bool, typer.Option("--per-layer", help="Compare every baked initializer with the original layer's weight.")
+    ] = False,
+    ort_opt_level: Annotated[
+        str, typer.Option("--ort-opt-level", help="onnxruntime graph optimizations: disable, basic, extended, all.")
+    ] = "all",
+    report: Annotated[Path | None, typer.Option("--report", help="Also write the JSON report to this file.")] = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    state_key: StateKey = None,
+    allow_pickle: AllowPickle = False,
+    json_output: JsonOut = False,
+    quiet: Quiet = False,
+    progress: ShowProgress = False,
+) -> None:
+    """Check with onnxruntime that the ONNX graph computes what SOURCE computes. Exit 1 when it does not."""
+    from ..detect import detect_layers
+    from ..export import parse_shape
+    from ..io import atomic_path
+    from ..verify import verify_onnx
+    from . import render
+
+    shapes = [parse_shape(s) for s in input_shape] if input_shape else None
+    with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
+        loaded = _load(source, arch, arch_kwargs, state_key, allow_pickle, stages)
+        detection = detect_layers(loaded.model, progress=stages.stage("probe layers"))
+        result = verify_onnx(
+            loaded.model,
+            onnx_path,
+            detection=detection,
+            samples=samples,
+            seed=seed,
+            input_shapes=shapes,
+            inputs_file=inputs,
+            atol=atol,
+            rtol=rtol,
+            ort_opt_level=ort_opt_level,
+            per_layer=per_layer,
+            progress=stages.sequence(),
+        )
+    payload = {"source": str(source), "onnx": str(onnx_path), **result.to_dict()}
+    if report is not None:
+        with atomic_path(report) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if json_output:
+        _emit_json(payload)
+    elif not quiet:
+        render.verification(_stdout(), result)
+    if not result.passed:
+        if quiet or json_output:
+            print(f"wsfold: verification failed: {result.cause}.", file=sys.stderr)
+        raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
 def _load_and_bake(source, arch, arch_kwargs, state_key, allow_pickle, stages):
     from ..bake import bake_model
     from ..detect import detect_layers

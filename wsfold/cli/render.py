@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -46,3 +47,49 @@ def detection(console: Console, source: Path, det) -> None:
         + (f" ({summary})" if summary else "")
         + f", {len(det.unsupported)} unsupported, {len(det.unprobed)} not probed"
     )
+
+
+def verification(console: Console, result) -> None:
+    table = Table(
+        title="ONNX vs checkpoint: max/rel/mean abs error; onnx-f64, orig-f64: each side vs float64",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for col in ("", "output", "shape", "max", "rel", "mean", "onnx-f64", "orig-f64", "limit"):
+        table.add_column(col, no_wrap=True)
+    for o in result.outputs:
+        table.add_row(
+            "[green]ok[/]" if o.passed else "[red]FAIL[/]",
+            o.name,
+            "x".join(map(str, o.shape)),
+            f"{o.max_abs_error:.2g}",
+            f"{o.max_rel_error:.2g}",
+            f"{o.mean_abs_error:.2g}",
+            f"{o.onnx_vs_float64:.2g}",
+            f"{o.reference_vs_float64:.2g}",
+            f"{o.allowed:.2g}",
+        )
+    console.print(table)
+    for o in result.outputs:
+        for problem in o.problems:
+            console.print(f"[red]{o.name}[/]: {problem}", highlight=False)
+    bad_layers = [layer for layer in result.layers if not layer.passed]
+    if result.layers:
+        console.print(f"per-layer: {len(result.layers) - len(bad_layers)}/{len(result.layers)} initializers match")
+        for layer in bad_layers:
+            console.print(
+                f"[red]layer {layer.name}[/]: {layer.tensor} differs from initializer {layer.initializer} "
+                f"(max abs {layer.max_abs_error:.3g}, relative {layer.max_rel_error:.3g})",
+                highlight=False,
+            )
+    console.print(
+        f"criterion: {result.criterion}; {result.samples} sample(s), inputs {result.input_shapes}", highlight=False
+    )
+    if result.passed:
+        console.print("[green]verification passed[/]")
+    else:
+        console.print(f"[red]verification failed[/]: cause: {result.cause}", highlight=False)
+        if result.hint:
+            console.print(f"hint: {result.hint}", highlight=False)

@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import CATALOG, arch_spec, ckpt
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from wsfold.cli.app import app
+
+BAKEABLE = sorted(n for n in CATALOG if not CATALOG[n].get("unsupported"))
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def shape_of(name):
+    return ",".join(str(d) for d in CATALOG[name]["input"])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every bakeable fixture exported once by wsfold."""
+    folder = tmp_path_factory.mktemp("onnx")
+    paths = {}
+    for name in BAKEABLE:
+        out = folder / f"{name}.onnx"
+        result = run(
+            "export", ckpt(name), "--arch", arch_spec(name), "--onnx", out, "--input-shape", shape_of(name), "-q"
+        )
+        assert result.exit_code == 0, result.stderr
+        paths[name] = out
+    return paths
+
+
+def verify(name, onnx_path, *extra):
+    return run(
+        "verify", ckpt(name), "--arch", arch_spec(name), "--onnx", onnx_path, "--input-shape", shape_of(name), *extra
+    )
+
+
+@pytest.mark.parametrize("name", BAKEABLE)
+def test_verify_passes_on_every_fixture_for_20_seeds(name, exported):
+    result = verify(name, exported[name], "--samples", "20", "--seed", "100", "--json")
+    assert result.exit_code == 0, result.stdout
+    payload = json.loads(result.stdout)
+    assert payload["passed"] is True and payload["samples"] == 20
+    for out in payload["outputs"]:
+        assert out["passed"] and out["onnx_vs_float64"] <= out["allowed"]
+        assert set(out) >= {"name", "shape", "max_abs_error", "max_rel_error", "mean_abs_error", "passed"}
+
+
+def _tamper(src, dst, edit):
+    model = onnx.load(str(src))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    inits = {i.name: i for i in model.graph.initializer}
+    edit(conv, inits)
+    onnx.save(model, str(dst))
+    return conv
+
+
+def _scale_filter(conv, inits):
+    w = numpy_helper.to_array(inits[conv.input[1]]).copy()
+    w[1] *= 1.01
+    inits[conv.input[1]].CopyFrom(numpy_helper.from_array(w, conv.input[1]))
+
+
+def _swap_filters(conv, inits):
+    w = numpy_helper.to_array(inits[conv.input[1]]).copy()
+    w[[0, 1]] = w[[1, 0]]
+    inits[conv.input[1]].CopyFrom(numpy_helper.from_array(w, conv.input[1]))
+
+
+def _shift_bias(conv, inits):
+    b = numpy_helper.to_array(inits[conv.input[2]]).copy()
+    b[2] += 1e-3
+    inits[conv.input[2]].CopyFrom(numpy_helper.from_array(b, conv.input[2]))
+
+
+@pytest.mark.parametrize("edit", [_scale_filter, _swap_filters, _shift_bias])
+def test_tampered_graph_fails_and_per_layer_names_the_layer(edit, exported, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    _tamper(exported["variants"], bad, edit)
+    result = verify("variants", bad, "--per-layer", "--json")
+    assert result.exit_code == 1, result.stdout
+    payload = json.loads(result.stdout)
+    assert payload["passed"] is False and payload["cause"].startswith("the exported graph")
+    failing = [layer["name"] for layer in payload["layers"] if not layer["passed"]]
+    assert failing == ["0"]  # the first conv: StdConv2d at index 0
+    human = verify("variants", bad, "--per-layer")
+    assert human.exit_code == 1 and "layer 0:" in human.stdout and "verification failed" in human.stdout
+
+
+def test_pad_maxpool_miscompile_is_blamed_on_the_runtime_optimizer(tmp_path):
+    """A plain torch.onnx.export of the baked BiT stem (no -0.0 guard): onnxruntime's default optimizations
+    change it; verify fails and names the optimizer, and passes with --ort-opt-level disable."""
+    from conftest import load_fixture
+
+    from wsfold.bake import bake_model
+
+    baked, _ = bake_model(load_fixture("bit_tiny"))
+    raw = tmp_path / "raw.onnx"
+    torch.onnx.export(
+        baked,
+        (torch.randn(2, 3, 32, 32),),
+        str(raw),
+        dynamo=False,
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+        opset_version=18,
+    )
+    result = verify("bit_tiny", raw, "--json")
+    assert result.exit_code == 1
+    payload = json.loads(result.stdout)
+    assert "onnxruntime's graph optimizer" in payload["cause"] and "ORT_ENABLE_BASIC" in payload["hint"]
+    assert verify("bit_tiny", raw, "--ort-opt-level", "disable").exit_code == 0
+
+
+def test_shape_clash_is_a_failure_naming_both_shapes(tmp_path):
+    import models
+
+    other = torch.nn.Sequential(models.variants(), torch.nn.Conv2d(4, 2, 1)).eval()
+    path = tmp_path / "other.onnx"
+    torch.onnx.export(
+        other,
+        (torch.randn(2, 3, 12, 12),),
+        str(path),
+        dynamo=False,
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+        opset_version=18,
+    )
+    result = verify("variants", path)
+    assert result.exit_code == 1
+    assert "shape [1, 2, 12, 12] in the ONNX graph vs [1, 4, 12, 12] in the checkpoint" in result.stdout
+
+
+def test_input_shape_that_does_not_fit_the_graph_is_an_input_error(exported):
+    result = verify("variants", exported["functional_and_parametrized"])
+    assert result.exit_code == 2
+    assert "takes input 'input' of shape ['N', 3, 10, 10], not [1, 3, 12, 12]" in result.stderr
+
+
+def test_nan_in_onnx_output_is_a_failure(exported, tmp_path):
+    bad = tmp_path / "nan.onnx"
+
+    def poison(conv, inits):
+        b = numpy_helper.to_array(inits[conv.input[2]]).copy()
+        b[0] = np.nan
+        inits[conv.input[2]].CopyFrom(numpy_helper.from_array(b, conv.input[2]))
+
+    _tamper(exported["variants"], bad, poison)
+    result = verify("variants", bad)
+    assert result.exit_code == 1 and "NaN/Inf in the ONNX output" in result.stdout
+
+
+def test_missing_onnx_file_and_bad_inputs_exit_2(exported, tmp_path):
+    missing = verify("variants", tmp_path / "nope.onnx")
+    assert missing.exit_code == 2 and "no such ONNX file" in missing.stderr and len(missing.stderr.splitlines()) == 1
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((1, 3, 12, 12), np.float32))
+    result = verify("variants", exported["variants"], "--inputs", wrong)
+    assert result.exit_code == 2 and "no array named 'input'" in result.stderr and "it has: x" in result.stderr
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip")
+    assert verify("variants", exported["variants"], "--inputs", garbage).exit_code == 2
+    level = verify("variants", exported["variants"], "--ort-opt-level", "max")
+    assert level.exit_code == 2 and "--ort-opt-level" in level.stderr
+
+
+def test_real_inputs_and_report_file(exported, tmp_path):
+    good = tmp_path / "inputs.npz"
+    np.savez(good, input=np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32))
+    report = tmp_path / "report.json"
+    result = verify("variants", exported["variants"], "--inputs", good, "--report", report, "-q")
+    assert result.exit_code == 0 and result.stdout == ""
+    payload = json.loads(report.read_text())
+    assert payload["passed"] is True and payload["input_shapes"] == [[4, 3, 12, 12]]
+
+
+def test_allclose_rule_with_atol_rtol(exported):
+    strict = verify("variants", exported["variants"], "--atol", "0", "--rtol", "0", "--json")
+    # This chain of nine WS layers amplifies float32 noise to ~0.02 absolute on outputs of ~60.
+    loose = verify("variants", exported["variants"], "--atol", "0.1", "--rtol", "2e-3", "--json")
+    assert json.loads(loose.stdout)["criterion"].startswith("allclose(atol=0.1, rtol=0.002")
+    assert loose.exit_code == 0
+    assert strict.exit_code == 1  # float32 kernels differ from PyTorch's in the last bits

@@ -1,0 +1,511 @@
+"""Prove with onnxruntime that an ONNX graph computes what the original checkpoint computes.
+
+Pass rule (default): for every output and sample, let R be the original model at its own dtype, R64 the same
+model evaluated in float64, O the ONNX output. The graph passes when |O - R64|max <= 4 * |R - R64|max +
+8 * u * |R64|max, u the unit roundoff of the dtype: the deployed graph may not be markedly less accurate than
+the original model is in its own precision. --atol/--rtol replace it with allclose(O, R, atol, rtol).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import VerifyInputError
+
+ORT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+SAFETY = 4.0
+FLOOR_ULPS = 8.0
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+@dataclass
+class OutputCheck:
+    """The worst figures for one output over all samples."""
+
+    index: int
+    name: str
+    reference_name: str
+    shape: list[int]
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    mean_abs_error: float = 0.0
+    worst_index: list[int] = field(default_factory=list)
+    onnx_vs_float64: float = 0.0
+    reference_vs_float64: float = 0.0
+    allowed: float = 0.0
+    passed: bool = True
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "reference_name": self.reference_name,
+            "shape": self.shape,
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "mean_abs_error": self.mean_abs_error,
+            "worst_index": self.worst_index,
+            "onnx_vs_float64": self.onnx_vs_float64,
+            "reference_vs_float64": self.reference_vs_float64,
+            "allowed": self.allowed,
+            "passed": self.passed,
+            "problems": self.problems,
+        }
+
+
+@dataclass
+class LayerCheck:
+    name: str
+    tensor: str
+    initializer: str | None
+    max_abs_error: float
+    max_rel_error: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class VerificationResult:
+    """``bool(result)`` is whether the graph passed; ``str(result)`` states the criterion and the worst figures."""
+
+    criterion: str
+    samples: int
+    outputs: list[OutputCheck]
+    layers: list[LayerCheck] = field(default_factory=list)
+    ort_opt_level: str = "all"
+    cause: str | None = None
+    hint: str | None = None
+    input_shapes: list[list[int]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs) and all(layer.passed for layer in self.layers)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        lines = [f"{'PASSED' if self.passed else 'FAILED'} ({self.criterion}; {self.samples} sample(s))"]
+        for o in self.outputs:
+            lines.append(
+                f"  {o.name}: max abs {o.max_abs_error:.3g}, onnx-vs-float64 {o.onnx_vs_float64:.3g} "
+                f"<= {o.allowed:.3g}: {'ok' if o.passed else 'FAIL ' + '; '.join(o.problems)}"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "criterion": self.criterion,
+            "samples": self.samples,
+            "ort_opt_level": self.ort_opt_level,
+            "input_shapes": self.input_shapes,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "layers": [layer.to_dict() for layer in self.layers],
+            "cause": self.cause,
+            "hint": self.hint,
+        }
+
+
+def ort_session(path: Path, level: str = "all"):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise VerifyInputError(
+            f"onnxruntime cannot load {path} ({str(exc).splitlines()[0]}).", "re-export it with `wsfold export`."
+        ) from None
+
+
+def float64_reference(model: nn.Module, detection) -> tuple[nn.Module, list[str]]:
+    """A float64 copy of the original model that computes the same function as at its own dtype.
+
+    A layer whose math depends on the input dtype (eps 1e-5 for float32, 1e-3 otherwise) would compute another
+    function in float64: such layers get their weight from the formula observed at the model's dtype instead.
+    Returns the copy and the names of the layers so replaced.
+    """
+    from .bake import _set_submodule, build_plain
+    from .detect import OPS, _probe_shapes, _run_probe
+    from .formulas import standardize
+
+    model64 = copy.deepcopy(model).double().eval()
+    replaced = []
+    for layer in detection.layers:
+        module64 = model64.get_submodule(layer.name) if layer.name else model64
+        expected = None
+        if layer.formula is not None:
+            from .detect import _own_tensors
+
+            own = _own_tensors(model.get_submodule(layer.name) if layer.name else model)
+            f = layer.formula
+            expected = standardize(
+                own[layer.source_param],
+                f,
+                own.get(f.scale_tensor) if f.scale_tensor else None,
+                own.get(f.shift_tensor) if f.shift_tensor else None,
+            )
+        try:
+            shape = _probe_shapes(module64, torch.empty(layer.weight_shape))[0][0]
+            _, rec, _ = _run_probe(module64, shape, torch.float64, 0)
+            got = next(c.args["weight"] for c in rec.calls if c.op in OPS)
+        except Exception:  # noqa: BLE001 - fall back to the observed formula
+            got = None
+        reference = expected if expected is not None else layer.observed_weight.double()
+        tol = 1e-9 if expected is not None else 64 * torch.finfo(layer.dtype).eps
+        if got is not None and got.shape == reference.shape:
+            if float((got - reference).abs().max()) <= tol * float(reference.abs().max()):
+                continue
+        plain_layer = copy.copy(layer)
+        plain_layer.dtype = torch.float64
+        new, _ = build_plain(model.get_submodule(layer.name) if layer.name else model, plain_layer)
+        model64 = _set_submodule(model64, layer.name, new.double())
+        replaced.append(layer.name)
+    return model64, replaced
+
+
+def _flatten(out: Any) -> tuple[list[str], list[torch.Tensor]]:
+    from .export import flatten_outputs
+
+    return flatten_outputs(out)
+
+
+def _compare(o: np.ndarray, r: torch.Tensor, r64: torch.Tensor, check: OutputCheck, rule, unit: float) -> None:
+    if list(o.shape) != list(r.shape):
+        check.passed = False
+        check.problems.append(f"shape {list(o.shape)} in the ONNX graph vs {list(r.shape)} in the checkpoint")
+        return
+    o64 = torch.from_numpy(np.asarray(o)).double()
+    r32 = r.detach().double()
+    ref64 = r64.detach().double()
+    if not bool(torch.isfinite(o64).all()):
+        bad = ~torch.isfinite(o64) & torch.isfinite(r32)
+        if bool(bad.any()):
+            check.passed = False
+            idx = [int(v) for v in np.unravel_index(int(bad.reshape(-1).nonzero()[0]), tuple(o.shape))]
+            check.problems.append(f"NaN/Inf in the ONNX output at {idx} where the checkpoint's output is finite")
+            return
+    diff = (o64 - r32).abs()
+    diff = torch.where(torch.isfinite(diff), diff, torch.zeros_like(diff))
+    scale = float(ref64.abs().max()) if ref64.numel() else 0.0
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    if max_abs >= check.max_abs_error:
+        check.max_abs_error = max_abs
+        if diff.numel():
+            check.worst_index = [int(v) for v in np.unravel_index(int(diff.argmax()), tuple(diff.shape))]
+    denom = torch.clamp(r32.abs(), min=1e-3 * scale if scale > 0 else 1e-30)
+    check.max_rel_error = max(check.max_rel_error, float((diff / denom).max()) if diff.numel() else 0.0)
+    check.mean_abs_error = max(check.mean_abs_error, float(diff.mean()) if diff.numel() else 0.0)
+    e_onnx = float((o64 - ref64).abs().max()) if diff.numel() else 0.0
+    e_ref = float((r32 - ref64).abs().max()) if diff.numel() else 0.0
+    check.onnx_vs_float64 = max(check.onnx_vs_float64, e_onnx)
+    check.reference_vs_float64 = max(check.reference_vs_float64, e_ref)
+    ok, allowed, what = rule(o64, r32, e_onnx, e_ref, scale, unit)
+    check.allowed = max(check.allowed, allowed)
+    if not ok:
+        check.passed = False
+        check.problems.append(what)
+
+
+def _default_rule(o64, r32, e_onnx, e_ref, scale, unit):
+    allowed = SAFETY * e_ref + FLOOR_ULPS * unit * scale
+    return (
+        e_onnx <= allowed,
+        allowed,
+        f"ONNX error vs float64 {e_onnx:.3g} exceeds {allowed:.3g} (original's own error {e_ref:.3g})",
+    )
+
+
+def _allclose_rule(atol: float, rtol: float):
+    def rule(o64, r32, e_onnx, e_ref, scale, unit):
+        excess = (o64 - r32).abs() - (atol + rtol * r32.abs())
+        worst = float(excess.max()) if excess.numel() else -1.0
+        return worst <= 0, atol, f"not allclose(atol={atol:g}, rtol={rtol:g}): exceeds by up to {worst:.3g}"
+
+    return rule
+
+
+def sample_inputs(
+    session, shapes: list[tuple[int, ...]] | None, samples: int, seed: int, default_shape: tuple[int, ...] | None
+) -> list[dict[str, np.ndarray]]:
+    """Seeded random inputs: each sample at batch 1 and (if the batch is dynamic) batch 3, and at two spatial
+    sizes when those are dynamic."""
+    inputs = session.get_inputs()
+    if shapes and len(shapes) != len(inputs):
+        raise VerifyInputError(
+            f"{len(shapes)} --input-shape given for a graph with {len(inputs)} input(s).", "give one per graph input."
+        )
+    bases, dyn_batch, dyn_space = [], False, False
+    for i, spec in enumerate(inputs):
+        dims = list(spec.shape)
+        if shapes:
+            base = list(shapes[i])
+        else:
+            base = []
+            for j, d in enumerate(dims):
+                if isinstance(d, int) and d > 0:
+                    base.append(d)
+                elif j == 0:
+                    base.append(1)
+                elif default_shape is not None and len(default_shape) == len(dims):
+                    base.append(default_shape[j])
+                else:
+                    raise VerifyInputError(
+                        f"input {spec.name!r} has dynamic dimension {j} ({d}) and no size is known.",
+                        "pass --input-shape.",
+                    )
+        dyn_batch |= bool(dims) and not (isinstance(dims[0], int) and dims[0] > 0)
+        dyn_space |= any(not (isinstance(d, int) and d > 0) for d in dims[2:])
+        bases.append(base)
+    variants = []
+    for batch in [1, 3] if dyn_batch else [None]:
+        for grow in [0, 1] if dyn_space else [0]:
+            variants.append((batch, grow))
+    out = []
+    for s in range(samples):
+        for batch, grow in variants:
+            gen = np.random.default_rng(seed + s)
+            feed = {}
+            for spec, base in zip(inputs, bases):
+                dims = list(spec.shape)
+                shape = list(base)
+                if batch is not None:
+                    shape[0] = batch
+                for j in range(2, len(shape)):
+                    if grow and not (isinstance(dims[j], int) and dims[j] > 0):
+                        shape[j] += grow
+                dtype = _NP_DTYPES.get(spec.type, np.float32)
+                feed[spec.name] = gen.standard_normal(shape).astype(dtype)
+            out.append(feed)
+    return out
+
+
+def load_inputs(path: Path, session) -> list[dict[str, np.ndarray]]:
+    """Real data: .npz keyed by input name (arrays may hold several batches along dim 0), or .pt (a tensor or a
+    dict of tensors)."""
+    names = [i.name for i in session.get_inputs()]
+    if not path.exists():
+        raise VerifyInputError(f"--inputs {path}: no such file.", "check the path.")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        elif path.suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, torch.Tensor):
+                obj = {names[0]: obj} if len(names) == 1 else {}
+            arrays = {k: v.numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        else:
+            raise VerifyInputError(
+                f"--inputs {path}: unknown format {path.suffix!r}.", "use .npz keyed by input name, or .pt."
+            )
+    except VerifyInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable file
+        raise VerifyInputError(
+            f"--inputs {path} is unreadable ({str(exc).splitlines()[0]}).", "write it with numpy.savez."
+        ) from None
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise VerifyInputError(
+            f"--inputs {path} has no array named {missing[0]!r} (it has: {', '.join(arrays) or 'nothing'}).",
+            f"key the arrays by the graph's input names: {', '.join(names)}.",
+        )
+    types = {i.name: _NP_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
+    return [{n: arrays[n].astype(types[n]) for n in names}]
+
+
+def _run_checks(session, model, model64, feeds, rule, unit, onnx_names) -> list[OutputCheck]:
+    checks: list[OutputCheck] = []
+    for feed in feeds:
+        args = tuple(torch.from_numpy(feed[i.name]).to(_model_dtype(model)) for i in session.get_inputs())
+        with torch.no_grad():
+            ref_names, ref = _flatten(model(*args))
+            _, ref64 = _flatten(model64(*(a.double() for a in args)))
+        outs = _run_session(session, feed)
+        if not checks:
+            n = max(len(outs), len(ref))
+            checks = [
+                OutputCheck(
+                    i,
+                    onnx_names[i] if i < len(onnx_names) else "(missing)",
+                    ref_names[i] if i < len(ref_names) else "(missing)",
+                    [],
+                )
+                for i in range(n)
+            ]
+        for i, check in enumerate(checks):
+            if i >= len(outs) or i >= len(ref):
+                check.passed = False
+                if not check.problems:
+                    check.problems.append(
+                        f"the ONNX graph has {len(outs)} output(s), the checkpoint's model {len(ref)}"
+                    )
+                continue
+            check.shape = list(outs[i].shape)
+            _compare(outs[i], ref[i], ref64[i], check, rule, unit)
+    return checks
+
+
+def _run_session(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    for spec in session.get_inputs():
+        want, got = list(spec.shape), list(feed[spec.name].shape)
+        fixed = [d if isinstance(d, int) and d > 0 else None for d in want]
+        if len(fixed) != len(got) or any(f is not None and f != g for f, g in zip(fixed, got)):
+            shown = ["N" if f is None else f for f in fixed]
+            raise VerifyInputError(
+                f"the ONNX graph takes input {spec.name!r} of shape {shown}, not {got}.",
+                "fix --input-shape or --inputs to fit the graph (it may be another model's).",
+            )
+    return session.run(None, feed)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def verify_onnx(
+    model: nn.Module,
+    onnx_path: str | Path,
+    *,
+    detection=None,
+    samples: int = 3,
+    seed: int = 0,
+    input_shapes: list[tuple[int, ...]] | None = None,
+    inputs_file: Path | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    ort_opt_level: str = "all",
+    per_layer: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> VerificationResult:
+    """Compare ``onnx_path`` with the original ``model`` (unbaked, as loaded from SOURCE)."""
+    from .detect import detect_layers
+    from .export import declared_input_shape
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.exists():
+        raise VerifyInputError(f"{onnx_path}: no such ONNX file.", "run `wsfold export SOURCE --onnx PATH` first.")
+    if ort_opt_level not in ORT_LEVELS:
+        raise VerifyInputError(f"--ort-opt-level {ort_opt_level!r} is not one of {', '.join(ORT_LEVELS)}.", "use all.")
+    if samples < 1:
+        raise VerifyInputError(f"--samples {samples} must be at least 1.", "use --samples 3.")
+    model.eval()
+    if detection is None:
+        detection = detect_layers(model)
+    if progress:
+        progress("float64 reference")
+    model64, _ = float64_reference(model, detection)
+    session = ort_session(onnx_path, ort_opt_level)
+    feeds = (
+        load_inputs(inputs_file, session)
+        if inputs_file
+        else sample_inputs(session, input_shapes, samples, seed, declared_input_shape(model))
+    )
+    dtype = _model_dtype(model)
+    onnx_dtype = _NP_DTYPES.get(session.get_inputs()[0].type, np.float32)
+    unit = float(np.finfo(onnx_dtype).eps) / 2 if dtype != torch.bfloat16 else float(torch.finfo(dtype).eps) / 2
+    unit = max(unit, torch.finfo(dtype).eps / 2)
+    if atol is not None or rtol is not None:
+        atol, rtol = atol or 0.0, rtol or 0.0
+        rule, criterion = _allclose_rule(atol, rtol), f"allclose(atol={atol:g}, rtol={rtol:g}) against the checkpoint"
+    else:
+        rule = _default_rule
+        criterion = (
+            f"|onnx - float64| <= {SAFETY:g} x |original - float64| + {FLOOR_ULPS:g} ulp x output scale "
+            f"(ORT optimizations: {ort_opt_level})"
+        )
+    onnx_names = [o.name for o in session.get_outputs()]
+    if progress:
+        progress(f"run {len(feeds)} input batch(es)")
+    checks = _run_checks(session, model, model64, feeds, rule, unit, onnx_names)
+    result = VerificationResult(criterion, samples if not inputs_file else 1, checks, ort_opt_level=ort_opt_level)
+    result.input_shapes = [list(v.shape) for v in feeds[0].values()]
+    if per_layer:
+        if progress:
+            progress("compare initializers per layer")
+        result.layers = compare_layers(model, detection, onnx_path)
+    if not all(c.passed for c in checks) and ort_opt_level != "disable":
+        if progress:
+            progress("re-run with onnxruntime optimizations disabled")
+        plain = _run_checks(ort_session(onnx_path, "disable"), model, model64, feeds, rule, unit, onnx_names)
+        if all(c.passed for c in plain):
+            result.cause = "onnxruntime's graph optimizer (the graph passes with optimizations disabled)"
+            result.hint = (
+                "deploy with SessionOptions.graph_optimization_level = ORT_ENABLE_BASIC (or disabled), or re-export "
+                "with `wsfold export`, which writes Pad(0)+MaxPool so that onnxruntime does not miscompile it"
+            )
+        else:
+            result.cause = "the exported graph (it fails with onnxruntime's optimizations disabled too)"
+            result.hint = "run with --per-layer to find the layer whose weights differ"
+    elif not result.passed:
+        result.cause = "the exported graph"
+        result.hint = "see the failing layers" if result.layers else "run with --per-layer to find the layer"
+    return result
+
+
+def compare_layers(model: nn.Module, detection, onnx_path: Path) -> list[LayerCheck]:
+    """Each conv/linear weight and bias of the baked model against the ONNX initializer it became (by name, else
+    the closest initializer of that shape fed to a Conv/Gemm in the same role), so a wrong weight is named by
+    the layer it belongs to."""
+    import onnx
+    from onnx import numpy_helper
+
+    from .bake import bake_model
+
+    baked, report = bake_model(model, detection)
+    proto = onnx.load(str(onnx_path))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    roles: dict[int, dict[tuple, list[str]]] = {1: {}, 2: {}}
+    for node in proto.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+            for idx in (1, 2):
+                if len(node.input) > idx and node.input[idx] in inits:
+                    name = node.input[idx]
+                    roles[idx].setdefault(tuple(inits[name].shape), []).append(name)
+    checks = []
+    for name, module in baked.named_modules():
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            continue
+        for idx, attr in ((1, "weight"), (2, "bias")):
+            tensor = getattr(module, attr, None)
+            if tensor is None:
+                continue
+            key = f"{name}.{attr}" if name else attr
+            expected = tensor.detach().double().numpy()
+            if key in inits and inits[key].shape == expected.shape:
+                candidates = [key]
+            else:
+                candidates = roles[idx].get(tuple(expected.shape), [])
+            if not candidates:
+                continue
+            err, init_name = min((float(np.abs(inits[c].astype(np.float64) - expected).max()), c) for c in candidates)
+            scale = float(np.abs(expected).max()) or 1.0
+            dtype = inits[init_name].dtype
+            tol = 2 * float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
+            owner = next((b.layer.name for b in report.baked if key in (b.weight_key, b.bias_key)), name)
+            checks.append(LayerCheck(owner, key, init_name, err, err / scale, bool(err <= tol * scale)))
+    return checks
+
+
+def is_finite_number(value: float) -> bool:
+    return math.isfinite(value)
