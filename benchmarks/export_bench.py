@@ -154,8 +154,8 @@ def main() -> None:
     print(f"{'variant':44} " + " ".join(f"{c:>9}" for c in cols))
     for name, r in rows.items():
         print(
-            f"{name:44} {r['export_s']:9.2f} {r['session_s']:9.3f} {r['latency_ms']:8.2f} {r['size_mb']:7.1f} "
-            f"{r['nodes']:6d} {r['reduce_mean']:6d} {r['max_abs_err_vs_torch']:9.2e}"
+            f"{name:44} {r['export_s']:9.2f} {r['session_s']:9.3f} {r['latency_ms']:9.2f} {r['size_mb']:9.1f} "
+            f"{r['nodes']:9d} {r['reduce_mean']:9d} {r['max_abs_err_vs_torch']:9.2e}"
         )
     w = rows["wsfold (bake + export, torchscript)"]
     ratios = {
