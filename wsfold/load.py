@@ -310,9 +310,11 @@ def load_model(
     if manifest is not None:
         # A wsfold-baked state dict: rebuild the baked structure from the architecture, then fill it.
         from .bake import bake_model
+        from .fold import restore_fold_structure
 
         model.eval()
         model, _ = bake_model(model, inplace=True)
+        model = restore_fold_structure(model, manifest.get("folded", []))
     load_strict(model, sd, arch)
     model.eval()
     return LoadedModel(model, path, "state_dict", state_key=found_key, manifest=manifest)

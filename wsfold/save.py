@@ -18,10 +18,11 @@ from .load import MANIFEST_KEY
 SUFFIXES = (".pt", ".safetensors")
 
 
-def manifest(report: BakeReport) -> dict:
-    """Each baked key, the tensor it came from, formula and eps, and the wsfold version."""
+def manifest(report: BakeReport, fold_report=None) -> dict:
+    """Each baked key, the tensor it came from, formula and eps, what was folded, and the wsfold version."""
     return {
         "wsfold_version": __version__,
+        "folded": list(fold_report.folded) if fold_report is not None else [],
         "layers": [
             {
                 "name": b.layer.name,
@@ -38,7 +39,13 @@ def manifest(report: BakeReport) -> dict:
 
 
 def save_baked(
-    model: nn.Module, report: BakeReport, out: str | Path, *, force: bool = False, source: Path | None = None
+    model: nn.Module,
+    report: BakeReport,
+    out: str | Path,
+    *,
+    force: bool = False,
+    source: Path | None = None,
+    fold_report=None,
 ) -> Path:
     """Save ``model`` to ``out`` (format from the suffix) atomically; return the path."""
     out = check_output(Path(out), force=force, source=source, suffixes=SUFFIXES)
@@ -62,5 +69,5 @@ def save_baked(
                 t = t.detach()
                 tensors[key] = t.clone().contiguous() if ident in seen or not t.is_contiguous() else t
                 seen[ident] = key
-            save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(report))})
+            save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(report, fold_report))})
     return out

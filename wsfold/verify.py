@@ -474,6 +474,11 @@ def compare_layers(model: nn.Module, detection, onnx_path: Path) -> list[LayerCh
 
     baked, report = bake_model(model, detection)
     proto = onnx.load(str(onnx_path))
+    # Compare against what export wrote: folded unless the graph says it was exported with --no-fold.
+    if {p.key: p.value for p in proto.metadata_props}.get("wsfold_fold", "1") == "1":
+        from .fold import fold_model
+
+        baked, _ = fold_model(baked)
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     roles: dict[int, dict[tuple, list[str]]] = {1: {}, 2: {}}
     for node in proto.graph.node:

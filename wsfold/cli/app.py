@@ -81,22 +81,26 @@ def inspect(
     arch_kwargs: ArchKwargs = None,
     state_key: StateKey = None,
     allow_pickle: AllowPickle = False,
+    no_fold: NoFold = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
     progress: ShowProgress = False,
 ) -> None:
-    """List the weight-standardized (derived-weight) layers of SOURCE, their formula and eps. Writes nothing."""
-    from ..detect import detect_layers
+    """List the weight-standardized (derived-weight) layers of SOURCE, their formula and eps, and what would fold.
+    Writes nothing."""
     from . import render
 
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
-        loaded = _load(source, arch, arch_kwargs, state_key, allow_pickle, stages)
-        detection = detect_layers(loaded.model, progress=stages.stage("probe layers"))
-    payload = {"source": str(source), **detection.to_dict()}
+        _, detection, _, _, fold_report = _prepare(
+            source, arch, arch_kwargs, state_key, allow_pickle, not no_fold, stages
+        )
+    payload = {"source": str(source), **detection.to_dict(), **_fold_dict(fold_report)}
     if json_output:
         _emit_json(payload)
     elif not quiet:
-        render.detection(_stdout(), source, detection)
+        console = _stdout()
+        render.detection(console, source, detection)
+        render.folding(console, fold_report, would=True)
 
 
 @app.command()
@@ -117,13 +121,12 @@ def bake(
     arch_kwargs: ArchKwargs = None,
     state_key: StateKey = None,
     allow_pickle: AllowPickle = False,
+    no_fold: NoFold = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
     progress: ShowProgress = False,
 ) -> None:
     """Write a checkpoint whose weight-standardized layers are plain layers holding the exact standardized weights."""
-    from ..bake import bake_model
-    from ..detect import detect_layers
     from ..io import check_output
     from ..save import SUFFIXES, save_baked
     from . import render
@@ -131,19 +134,22 @@ def bake(
     out = output or source.with_name(f"{source.name.split('.')[0]}.baked.pt")
     check_output(out, force=force, source=source, suffixes=SUFFIXES)
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
-        loaded = _load(source, arch, arch_kwargs, state_key, allow_pickle, stages)
-        detection = detect_layers(loaded.model, progress=stages.stage("probe layers"))
-        baked, report = bake_model(loaded.model, detection, inplace=True, progress=stages.stage("bake layers"))
+        _, detection, baked, report, fold_report = _prepare(
+            source, arch, arch_kwargs, state_key, allow_pickle, not no_fold, stages
+        )
         done = stages.step(f"write {out.name}")
-        save_baked(baked, report, out, force=force, source=source)
+        save_baked(baked, report, out, force=force, source=source, fold_report=fold_report)
         done()
-    payload = {"source": str(source), "output": str(out), **detection.to_dict()}
+    payload = {"source": str(source), "output": str(out), **detection.to_dict(), **_fold_dict(fold_report)}
     if json_output:
         _emit_json(payload)
     elif not quiet:
         console = _stdout()
         render.detection(console, source, detection)
-        console.print(f"wrote {out} ({len(report.baked)} layer(s) baked)")
+        render.folding(console, fold_report, would=False)
+        console.print(
+            f"wrote {out} ({len(report.baked)} layer(s) baked, {len(fold_report.folded)} normalizer(s) folded)"
+        )
 
 
 InputShape = Annotated[
@@ -230,14 +236,25 @@ def verify(
         raise typer.Exit(EXIT_VERIFY_FAILED)
 
 
-def _load_and_bake(source, arch, arch_kwargs, state_key, allow_pickle, stages):
+def _prepare(source, arch, arch_kwargs, state_key, allow_pickle, fold, stages):
+    """load -> detect -> bake -> fold: the pipeline every command starts with."""
     from ..bake import bake_model
     from ..detect import detect_layers
+    from ..fold import FoldReport, fold_model
 
     loaded = _load(source, arch, arch_kwargs, state_key, allow_pickle, stages)
     detection = detect_layers(loaded.model, progress=stages.stage("probe layers"))
     baked, report = bake_model(loaded.model, detection, inplace=True, progress=stages.stage("bake layers"))
-    return loaded, baked, report
+    fold_report = FoldReport(skipped="--no-fold")
+    if fold:
+        done = stages.step("fold normalizers")
+        baked, fold_report = fold_model(baked, inplace=True)
+        done()
+    return loaded, detection, baked, report, fold_report
+
+
+def _fold_dict(fold_report) -> dict:
+    return fold_report.to_dict()
 
 
 def _dtype(name: str | None):
@@ -274,6 +291,7 @@ def export(
     no_simplify: Annotated[
         bool, typer.Option("--no-simplify", help="Skip onnxscript's optimizer on the TorchScript export.")
     ] = False,
+    no_fold: NoFold = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the ONNX file if it exists.")] = False,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
@@ -291,7 +309,9 @@ def export(
     check_output(onnx_path, force=force, source=source, suffixes=(".onnx",))
     dtype = _dtype(input_dtype)
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
-        loaded, baked, report = _load_and_bake(source, arch, arch_kwargs, state_key, allow_pickle, stages)
+        loaded, _, baked, report, fold_report = _prepare(
+            source, arch, arch_kwargs, state_key, allow_pickle, not no_fold, stages
+        )
         shapes = resolve_input_shapes(baked, input_shape)
         result = export_onnx(
             baked,
@@ -305,18 +325,23 @@ def export(
             external_data=True if external_data else None,
             simplify=not no_simplify,
             baked=len(report.baked) or len((loaded.manifest or {}).get("layers", [])),
-            metadata={"wsfold_source_sha256": file_sha256(source), "wsfold_source": source.name},
+            metadata={
+                "wsfold_source_sha256": file_sha256(source),
+                "wsfold_source": source.name,
+                "wsfold_fold": "0" if no_fold else "1",
+                "wsfold_folded": str(len(fold_report.folded)),
+            },
             force=force,
             source=source,
             progress=stages.sequence(),
         )
     if json_output:
-        _emit_json(result.to_dict())
+        _emit_json({**result.to_dict(), **_fold_dict(fold_report)})
     elif not quiet:
         console = _stdout()
         console.print(
             f"wrote {result.output}: {result.nodes} nodes, {result.initializers} initializers, opset {result.opset}, "
-            f"{result.exporter} exporter, {len(report.baked)} layer(s) baked"
+            f"{result.exporter} exporter, {len(report.baked)} layer(s) baked, {len(fold_report.folded)} folded"
             + (", weights in " + result.output.name + ".data" if result.external_data else ""),
             highlight=False,
         )

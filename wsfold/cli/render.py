@@ -93,3 +93,16 @@ def verification(console: Console, result) -> None:
         console.print(f"[red]verification failed[/]: cause: {result.cause}", highlight=False)
         if result.hint:
             console.print(f"hint: {result.hint}", highlight=False)
+
+
+def folding(console: Console, report, *, would: bool) -> None:
+    if report.skipped == "--no-fold":
+        return
+    if report.skipped:
+        console.print(f"[yellow]folding skipped[/]: {report.skipped}", highlight=False)
+        return
+    verb = "would fold" if would else "folded"
+    for entry in report.folded:
+        console.print(f"{verb} {entry['norm']} into {entry['into']} ({entry['kind']})", highlight=False)
+    for entry in report.not_folded:
+        console.print(f"[dim]not folded[/] {entry['name']}: {entry['reason']}", highlight=False)
