@@ -58,16 +58,17 @@ def derived_weight(module: nn.Module, layer: DerivedLayer) -> tuple[torch.Tensor
     bias = own.get(layer.bias_is_param) if layer.bias_is_param else layer.observed_bias
     if layer.formula is None:
         return layer.observed_weight, bias
-    from .formulas import standardize
+    from .formulas import standardize_rounded
 
     f = layer.formula
-    exact = standardize(
+    weight = standardize_rounded(
         own[layer.source_param],
         f,
         own.get(f.scale_tensor) if f.scale_tensor else None,
         own.get(f.shift_tensor) if f.shift_tensor else None,
+        dtype=layer.dtype,
     )
-    return exact.to(layer.dtype), bias
+    return weight, bias
 
 
 def build_plain(module: nn.Module, layer: DerivedLayer) -> tuple[nn.Module, str]:
@@ -97,7 +98,8 @@ def build_plain(module: nn.Module, layer: DerivedLayer) -> tuple[nn.Module, str]
                 bias=bias is not None,
                 **extra,
             )
-    op.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    # A recomputed weight is fresh; an observed one is still held by the detection record.
+    op.weight = nn.Parameter(weight if layer.formula is not None else weight.detach().clone(), requires_grad=False)
     if bias is not None:
         op.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
     pad = layer.pad

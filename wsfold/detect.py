@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .formulas import Formula, channel_stats, designed_weights, identify_formula
+from .formulas import (
+    Formula,
+    channel_stats,
+    channel_subset,
+    designed_weights,
+    formula_misfit,
+    identify_formula,
+    tolerance,
+)
 
 OPS: dict[str, Callable] = {
     "conv1d": F.conv1d,
@@ -236,7 +244,9 @@ def _probe_shapes(module: nn.Module, weight: torch.Tensor) -> list[list[tuple[in
     ks = list(weight.shape[2:])
     stride = _as_tuple(getattr(module, "stride", 1), nd)
     dilation = _as_tuple(getattr(module, "dilation", 1), nd)
-    sizes = [max(8, (k - 1) * d + 1 + 2 * s + 1) for k, d, s in zip(ks, dilation, stride)]
+    # Small spatial sizes keep the probe convolutions cheap on wide layers; two sizes of different parity
+    # reveal padding that depends on the input size.
+    sizes = [max(4, (k - 1) * d + 1 + s) for k, d, s in zip(ks, dilation, stride)]
     channels = []
     if isinstance(getattr(module, "in_channels", None), int):
         channels.append(module.in_channels)
@@ -310,6 +320,81 @@ def _geometry(call: OpCall) -> dict[str, Any]:
     return {k: _static(call.args.get(k, defaults[k])) for k in names}
 
 
+def _derived_weight_of(
+    module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, param_ids: set[int], overrides=None
+) -> torch.Tensor | None:
+    """The derived weight the module hands to its op on one probe (with ``overrides`` substituted)."""
+    _, rec, _ = _run_probe(module, shape, dtype, 0, overrides)
+    calls = [c for c in rec.calls if c.op in OPS and id(c.args["weight"]) not in param_ids]
+    return calls[0].args["weight"] if len(calls) == 1 else None
+
+
+def _observe_runs(name: str, type_name: str, runs, param_ids: set[int]):
+    """From two probe runs at different input sizes: the single derived-weight op call (of the first run) and
+    its padding, or a SkippedLayer saying why the module is not [pad] + one op, or None if nothing is derived."""
+    derived_runs = []
+    for shape, out, rec, x in runs:
+        ops = [c for c in rec.calls if c.op in OPS]
+        derived = [c for c in ops if id(c.args["weight"]) not in param_ids]
+        derived_runs.append((shape, out, rec, x, ops, derived))
+    first = derived_runs[0]
+    if not first[5]:
+        return None
+    if any(len(r[5]) != len(first[5]) for r in derived_runs):
+        return SkippedLayer(name, type_name, "calls a different number of ops for different inputs")
+    if len(first[4]) > 1:
+        ops_list = ", ".join(c.op for c in first[4])
+        return SkippedLayer(
+            name, type_name, f"calls {len(first[4])} ops ({ops_list}) with derived weights; it is not one plain op"
+        )
+    call = first[5][0]
+    for r in derived_runs[1:]:
+        other = r[5][0]
+        if not torch.equal(other.args["weight"], call.args["weight"]):
+            return SkippedLayer(name, type_name, "its weight depends on the input; it cannot become a constant")
+        b_a, b_b = call.args.get("bias"), other.args.get("bias")
+        if (b_a is None) != (b_b is None) or (b_a is not None and not torch.equal(b_a, b_b)):
+            return SkippedLayer(name, type_name, "its bias depends on the input; it cannot become a constant")
+        if _geometry(other) != _geometry(call):
+            return SkippedLayer(name, type_name, "its stride/padding/groups change with the input size")
+
+    # The module must be nothing but [pad] + op: its output is the op's output, the op's input is the
+    # module's input (directly or through one F.pad of it).
+    pads_per_run = []
+    for shape, out, rec, x, _ops, derived in derived_runs:
+        c = derived[0]
+        if out is not c.output and not (
+            isinstance(out, torch.Tensor) and out.shape == c.output.shape and torch.equal(out, c.output)
+        ):
+            return SkippedLayer(name, type_name, "does more than one op (its output is not the op's output)")
+        inp = c.args["input"]
+        if inp is x:
+            pads_per_run.append(None)
+            continue
+        pad_calls = [p for p in rec.calls if p.op == "pad" and p.output is inp]
+        if not pad_calls or pad_calls[0].args["input"] is not x:
+            return SkippedLayer(name, type_name, "transforms its input before the op in a way other than padding")
+        p = pad_calls[0].args
+        mode = p.get("mode", "constant") or "constant"
+        pads_per_run.append((mode, float(p.get("value") or 0.0), tuple(int(v) for v in p["pad"]), shape))
+    if all(p is None for p in pads_per_run):
+        return call, None
+    if any(p is None for p in pads_per_run) or len({(p[0], p[1]) for p in pads_per_run}) > 1:
+        return SkippedLayer(name, type_name, "pads its input differently for different input sizes")
+    mode, value = pads_per_run[0][0], pads_per_run[0][1]
+    if len({p[2] for p in pads_per_run}) == 1:
+        return call, PadSpec(mode, value, pads_per_run[0][2])
+    w = call.args["weight"]
+    nd = w.ndim - 2
+    geometry = _geometry(call)
+    k, s, d = tuple(w.shape[2:]), _as_tuple(geometry["stride"], nd), _as_tuple(geometry["dilation"], nd)
+    if mode == "constant" and all(tf_same_pad(p[3][2:], k, s, d) == p[2] for p in pads_per_run):
+        return call, PadSpec(mode, value, None, same_dynamic=True)
+    return SkippedLayer(
+        name, type_name, "pads its input by an amount that depends on the input size and is not TF-SAME"
+    )
+
+
 def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> DerivedLayer | SkippedLayer | None:
     own = _own_tensors(module)
     weights = [t for t in own.values() if t.is_floating_point() and t.ndim >= 2]
@@ -328,82 +413,23 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
         return SkippedLayer(name, type_name, reason)
 
     param_ids = {id(p) for p in params.values()}
-    derived_runs = []
-    for shape, out, rec, x in runs:
-        ops = [c for c in rec.calls if c.op in OPS]
-        derived = [c for c in ops if id(c.args["weight"]) not in param_ids]
-        derived_runs.append((shape, out, rec, x, ops, derived))
-    first = derived_runs[0]
-    derived_calls = first[5]
-    if not derived_calls:
-        return None
-    if any(len(r[5]) != len(derived_calls) for r in derived_runs):
-        return SkippedLayer(name, type_name, "calls a different number of ops for different inputs")
-    if len(first[4]) > 1:
-        ops_list = ", ".join(c.op for c in first[4])
-        return SkippedLayer(
-            name, type_name, f"calls {len(first[4])} ops ({ops_list}) with derived weights; it is not one plain op"
-        )
-    call = derived_calls[0]
-    w0 = call.args["weight"]
-    for r in derived_runs[1:]:
-        if not torch.equal(r[5][0].args["weight"], w0):
-            return SkippedLayer(name, type_name, "its weight depends on the input; it cannot become a constant")
-        b_a, b_b = call.args.get("bias"), r[5][0].args.get("bias")
-        if (b_a is None) != (b_b is None) or (b_a is not None and not torch.equal(b_a, b_b)):
-            return SkippedLayer(name, type_name, "its bias depends on the input; it cannot become a constant")
-        if _geometry(r[5][0]) != _geometry(call):
-            return SkippedLayer(name, type_name, "its stride/padding/groups change with the input size")
-
-    # The module must be nothing but [pad] + op: its output is the op's output, the op's input is the
-    # module's input (directly or through one F.pad of it).
-    pad_spec = None
-    pads_per_run = []
-    for shape, out, rec, x, _ops, derived in derived_runs:
-        c = derived[0]
-        if out is not c.output and not (
-            isinstance(out, torch.Tensor) and out.shape == c.output.shape and torch.equal(out, c.output)
-        ):
-            return SkippedLayer(name, type_name, "does more than one op (its output is not the op's output)")
-        inp = c.args["input"]
-        if inp is x:
-            pads_per_run.append(None)
-            continue
-        pad_calls = [p for p in rec.calls if p.op == "pad" and p.output is inp]
-        if not pad_calls or pad_calls[0].args["input"] is not x:
-            return SkippedLayer(name, type_name, "transforms its input before the op in a way other than padding")
-        p = pad_calls[0].args
-        pads_per_run.append(
-            (
-                p.get("mode", "constant") or "constant",
-                float(p.get("value") or 0.0),
-                tuple(int(v) for v in p["pad"]),
-                shape,
-            )
-        )
+    observed = _observe_runs(name, type_name, runs, param_ids)
+    probe_shape = runs[0][0]
+    del runs  # each run holds a copy of a possibly large derived weight
+    if observed is None or isinstance(observed, SkippedLayer):
+        return observed
+    call, pad_spec = observed
+    del observed
     geometry = _geometry(call)
-    if any(p is not None for p in pads_per_run):
-        if any(p is None for p in pads_per_run) or len({(p[0], p[1]) for p in pads_per_run}) > 1:
-            return SkippedLayer(name, type_name, "pads its input differently for different input sizes")
-        mode, value = pads_per_run[0][0], pads_per_run[0][1]
-        if len({p[2] for p in pads_per_run}) == 1:
-            pad_spec = PadSpec(mode, value, pads_per_run[0][2])
-        else:
-            nd = w0.ndim - 2
-            k = tuple(w0.shape[2:])
-            s, d = _as_tuple(geometry["stride"], nd), _as_tuple(geometry["dilation"], nd)
-            if mode == "constant" and all(tf_same_pad(p[3][2:], k, s, d) == p[2] for p in pads_per_run):
-                pad_spec = PadSpec(mode, value, None, same_dynamic=True)
-            else:
-                return SkippedLayer(
-                    name, type_name, "pads its input by an amount that depends on the input size and is not TF-SAME"
-                )
+    w0 = call.args["weight"]
+    bias = call.args.get("bias")
+    op_name = call.op
+    del call
 
     # Where does the weight come from: the raw tensor of the same shape among the layer's own tensors.
     raw_name, raw = next(
         ((k, t) for k, t in own.items() if t.shape == w0.shape and t.is_floating_point()), (None, None)
     )
-    bias = call.args.get("bias")
     bias_param = next((k for k, t in own.items() if t is bias), None) if bias is not None else None
     formula = misfit = None
     if raw is not None:
@@ -413,20 +439,37 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
             if k not in (raw_name, bias_param) and t.is_floating_point() and t.numel() == w0.shape[0]
         }
         scalars, eps_hints = _scalar_attributes(module)
-        observations = [(raw, w0)]
+        # Score formulas on a subset of channels, then check the winner on all of them. Only that subset of the
+        # observed weight is held while the designed probes run, so a huge layer is never held three times.
+        keep = channel_subset(raw.shape[0])
+        observations = [(raw[keep], w0[keep].clone())]
+        del w0
         for designed in designed_weights(raw):
-            _, rec, _ = _run_probe(module, runs[0][0], dtype, 0, {raw_name: designed})
-            calls = [c for c in rec.calls if c.op in OPS and id(c.args["weight"]) not in param_ids]
-            if len(calls) == 1 and calls[0].args["weight"].shape == raw.shape:
-                observations.append((designed, calls[0].args["weight"]))
-        found = identify_formula(observations, per_channel, scalars, eps_hints)
+            captured = _derived_weight_of(module, probe_shape, dtype, param_ids, {raw_name: designed})
+            if captured is not None and captured.shape == raw.shape:
+                observations.append((designed[keep], captured[keep].clone()))
+            del designed, captured
+        found = identify_formula(
+            observations, {k: v.reshape(-1)[keep] for k, v in per_channel.items()}, scalars, eps_hints
+        )
+        w0 = _derived_weight_of(module, probe_shape, dtype, param_ids)
+        if found:
+            f = found[0]
+            full = formula_misfit(
+                raw,
+                w0,
+                f,
+                per_channel.get(f.scale_tensor) if f.scale_tensor else None,
+                per_channel.get(f.shift_tensor) if f.shift_tensor else None,
+            )
+            found = (f, full) if full <= tolerance(w0.dtype) else None
         if found:
             formula, misfit = found
     fan_in = int(w0[0].numel())
     layer = DerivedLayer(
         name=name,
         type=type_name,
-        op=call.op,
+        op=op_name,
         geometry=geometry,
         weight_shape=tuple(w0.shape),
         dtype=w0.dtype,
@@ -448,8 +491,10 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
     if fan_in < 16:
         layer.warnings.append(f"fan-in {fan_in} < 16: statistics from {fan_in} numbers")
     if formula is not None and raw is not None:
-        _, var_b, _, _ = channel_stats(raw)
-        low = int((var_b < formula.eps).sum())
+        low = sum(
+            int((channel_stats(raw[i : i + 256], torch.float32)[1] < formula.eps).sum())
+            for i in range(0, raw.shape[0], 256)
+        )
         if low:
             layer.warnings.append(f"{low} filter(s) with variance below eps={formula.eps:g}")
     if raw is None:

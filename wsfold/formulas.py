@@ -8,6 +8,7 @@ Standardization". The variants differ only in D (and V9 multiplies instead of di
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -69,9 +70,12 @@ class Formula:
         return text
 
 
-def channel_stats(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Per-channel (dim 0) centred weight, biased and unbiased variance, in float64, and the fan-in."""
-    flat = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
+def channel_stats(
+    weight: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Per-channel (dim 0) centred weight, biased and unbiased variance (in float64 unless ``dtype`` says
+    otherwise, for estimates that need no more), and the fan-in."""
+    flat = weight.detach().to(dtype).reshape(weight.shape[0], -1)
     n = flat.shape[1]
     centred = flat - flat.mean(dim=1, keepdim=True)
     ss = (centred * centred).sum(dim=1)
@@ -85,17 +89,19 @@ def standardize(
     formula: Formula,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """The exact derived weight in float64 (round it once to the layer's dtype)."""
-    centred, var_b, var_u, n = channel_stats(weight)
+    """The exact derived weight in float64 (round it once to the layer's dtype); a float32 ``dtype`` gives a
+    cheaper estimate for checks whose tolerance is far above float32 rounding."""
+    centred, var_b, var_u, n = channel_stats(weight, dtype)
     denom = _DENOMINATORS[formula.variant][1](var_b, var_u, n, formula.eps)
     out = centred / denom[:, None]
     a = torch.full_like(var_b, formula.scale_const)
     if scale is not None:
-        a = a * scale.detach().to(torch.float64).reshape(-1)
+        a = a * scale.detach().to(dtype).reshape(-1)
     out = out * a[:, None]
     if shift is not None:
-        out = out + shift.detach().to(torch.float64).reshape(-1)[:, None]
+        out = out + shift.detach().to(dtype).reshape(-1)[:, None]
     return out.reshape(weight.shape)
 
 
@@ -104,22 +110,76 @@ def tolerance(dtype: torch.dtype) -> float:
     return 48 * torch.finfo(dtype).eps if dtype != torch.float64 else 1e-12
 
 
-def designed_weights(raw: torch.Tensor) -> list[torch.Tensor]:
+def designed_weights(raw: torch.Tensor) -> Iterator[torch.Tensor]:
     """Probe weights whose per-channel variances sweep the decades where eps matters, so that formulas that agree
-    on the real weights (sqrt(var + eps) vs sqrt(max(var, eps)) vs std + eps, NFNet's fan-in factor) separate."""
+    on the real weights (sqrt(var + eps) vs sqrt(max(var, eps)) vs std + eps, NFNet's fan-in factor) separate.
+    Each is the real weight rescaled per channel: one multiply, no copy in float64."""
     low, high = (-6.0, 0.0) if raw.dtype == torch.float16 else (-12.0, 1.0)
     decades = torch.arange(low, high + 0.5, 1.0, dtype=torch.float64)
     c = raw.shape[0]
-    gen = torch.Generator().manual_seed(1234)
-    base = torch.randn(raw.shape, generator=gen).to(torch.float64)
-    centred, var_b, _, _ = channel_stats(base)
-    unit = base / torch.sqrt(var_b).reshape(-1, *([1] * (raw.ndim - 1)))
-    out = []
+    var_b = torch.cat([channel_stats(raw[i : i + 256], torch.float32)[1] for i in range(0, c, 256)]).double()
+    view = (-1,) + (1,) * (raw.ndim - 1)
     for shift in range(0, len(decades), max(c, 1)):
         idx = (torch.arange(c) + shift) % len(decades)
-        std = torch.sqrt(10.0 ** decades[idx]).reshape(-1, *([1] * (raw.ndim - 1)))
-        out.append((unit * std + 0.5 * std).to(raw.dtype))
+        target = 10.0 ** decades[idx]
+        factor = torch.where(var_b > 0, torch.sqrt(target / var_b.clamp_min(1e-300)), torch.ones_like(var_b))
+        yield raw.detach() * factor.to(raw.dtype).reshape(view)
+
+
+def channel_subset(channels: int, limit: int = 128) -> torch.Tensor:
+    """Evenly spaced output channels on which a formula is scored (it is then checked on all of them)."""
+    if channels <= limit:
+        return torch.arange(channels)
+    return torch.linspace(0, channels - 1, limit).round().long().unique()
+
+
+def standardize_rounded(
+    weight: torch.Tensor,
+    formula: Formula,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """The formula in float64, rounded once to ``dtype``, computed a chunk of output channels at a time so that a
+    large layer never exists whole in float64."""
+    out = torch.empty(weight.shape, dtype=dtype or weight.dtype)
+    for i in range(0, weight.shape[0], chunk):
+        sl = slice(i, i + chunk)
+        out[sl] = standardize(
+            weight[sl],
+            formula,
+            None if scale is None else scale.reshape(-1)[sl],
+            None if shift is None else shift.reshape(-1)[sl],
+        ).to(out.dtype)
     return out
+
+
+def formula_misfit(
+    raw: torch.Tensor,
+    derived: torch.Tensor,
+    formula: Formula,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> float:
+    """max |formula(raw) - derived| / max |derived|, chunked over output channels. Computed in float32 for
+    float32 and narrower layers: its error (~1e-7) is far below the float32 tolerance this is held to."""
+    worst, top = 0.0, 0.0
+    work = torch.float64 if derived.dtype == torch.float64 else torch.float32
+    for i in range(0, raw.shape[0], chunk):
+        sl = slice(i, i + chunk)
+        target = derived[sl].detach().to(work)
+        rebuilt = standardize(
+            raw[sl],
+            formula,
+            None if scale is None else scale.reshape(-1)[sl],
+            None if shift is None else shift.reshape(-1)[sl],
+            dtype=work,
+        )
+        worst = max(worst, float((rebuilt - target).abs().max()))
+        top = max(top, float(target.abs().max()))
+    return worst / top if top > 0 else math.inf
 
 
 def identify_formula(

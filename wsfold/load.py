@@ -86,7 +86,8 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dic
             f"{path} is truncated or corrupt (its zip directory is unreadable).", "fetch the checkpoint again."
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
+        # No mmap: file-backed pages would stay resident (and count in RSS) after baking replaces the weights.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
         return obj, None
     except pickle.UnpicklingError as exc:
         text = str(exc)
@@ -222,6 +223,55 @@ def _import(name: str, spec: str):
         ) from None
 
 
+def _has_meta_tensors(model: nn.Module) -> bool:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_meta:
+            return True
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor) and v.is_meta:
+                return True
+    return False
+
+
+def build_and_load(spec: str, kwargs, sd: Mapping[str, torch.Tensor], manifest: dict | None) -> nn.Module:
+    """Build the architecture on the meta device (no memory for a random init that the checkpoint replaces) and
+    assign the checkpoint's tensors; if anything is left on meta (a non-persistent buffer, a tensor attribute, a
+    constructor that needs real tensors), build it on the CPU instead."""
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = build_arch(spec, kwargs)
+        except ArchitectureError:
+            raise
+        except Exception:  # noqa: BLE001 - some constructors cannot run on meta; the CPU build is the fallback
+            if device == "meta":
+                continue
+            raise
+        if manifest is not None:
+            # A wsfold-baked state dict: rebuild the baked structure from the architecture, then fill it.
+            from .bake import bake_model
+            from .fold import restore_fold_structure
+
+            if device == "meta":
+                continue  # baking needs to run the layers
+            model.eval()
+            model, _ = bake_model(model, inplace=True)
+            model = restore_fold_structure(model, manifest.get("folded", []))
+        if device == "cpu":
+            load_strict(model, sd, spec)
+            return model
+        try:
+            load_strict(model, sd, spec)
+        except ArchitectureError:
+            raise
+        except Exception:  # noqa: BLE001 - a load hook that computes on its buffers cannot run on meta
+            continue
+        if not _has_meta_tensors(model):
+            return model
+    raise AssertionError("unreachable")
+
+
 def build_arch(spec: str, kwargs: dict[str, Any] | str | None = None) -> nn.Module:
     """Call the --arch callable with --arch-kwargs and check that it returns an nn.Module."""
     if isinstance(kwargs, str):
@@ -305,16 +355,9 @@ def load_model(
             f"{path} holds a state dict ({len(sd)} tensors) and wsfold needs the architecture to run it.",
             "pass --arch package.module:callable or --arch path/to/file.py:callable (with --arch-kwargs JSON).",
         )
-    model = build_arch(arch, arch_kwargs)
     manifest = json.loads(metadata[MANIFEST_KEY]) if metadata and MANIFEST_KEY in metadata else None
-    if manifest is not None:
-        # A wsfold-baked state dict: rebuild the baked structure from the architecture, then fill it.
-        from .bake import bake_model
-        from .fold import restore_fold_structure
-
-        model.eval()
-        model, _ = bake_model(model, inplace=True)
-        model = restore_fold_structure(model, manifest.get("folded", []))
-    load_strict(model, sd, arch)
+    del obj
+    model = build_and_load(arch, arch_kwargs, sd, manifest)
+    del sd
     model.eval()
     return LoadedModel(model, path, "state_dict", state_key=found_key, manifest=manifest)
