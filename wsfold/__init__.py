@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-__all__ = [
-    "__version__",
-    "load_model",
-    "detect_layers",
-    "bake_model",
-    "save_baked",
-    "WsfoldError",
-]
+# Public name -> module that defines it. Imported lazily so that `wsfold --help` and `import wsfold` stay fast.
+_API = {
+    "load_model": "load",
+    "detect_layers": "detect",
+    "bake_model": "bake",
+    "fold_model": "fold",
+    "save_baked": "save",
+    "export_onnx": "export",
+    "verify_onnx": "verify",
+    "WsfoldError": "errors",
+}
+__all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str):
-    # Lazy: `wsfold --help` and `import wsfold` stay fast; torch is imported on first use.
-    if name == "load_model":
-        from .load import load_model
-
-        return load_model
-    if name == "detect_layers":
-        from .detect import detect_layers
-
-        return detect_layers
-    if name == "bake_model":
-        from .bake import bake_model
-
-        return bake_model
-    if name == "save_baked":
-        from .save import save_baked
-
-        return save_baked
-    if name == "WsfoldError":
-        from .errors import WsfoldError
-
-        return WsfoldError
-    raise AttributeError(name)
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'wsfold' has no attribute {name!r}")

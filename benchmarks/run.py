@@ -1,0 +1,180 @@
+"""wsfold against the alternatives, measured in one run (not part of the test suite):
+
+    .venv/bin/python benchmarks/run.py [--out build/bench]
+
+Builds ResNetV2 GN+WS networks in-process (R50x1, and R50x4 whose float32 checkpoint is 1.53 GB), writes their
+state-dict checkpoints, and measures, each step in its own process so that peak RSS is that step's alone:
+bake seconds against torch.load + torch.save of the same checkpoint (the I/O floor), peak RSS against the
+checkpoint size, eager latency at batch 1 of the baked model against the original and against the same
+architecture built with plain convs, and the export figures of benchmarks/export_bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RUNNER = """
+import resource, runpy, sys, time
+t = time.perf_counter()
+sys.argv = sys.argv[1:]
+code = 0
+try:
+    if sys.argv[0] == "-m":
+        sys.argv = sys.argv[1:]
+        runpy.run_module(sys.argv[0], run_name="__main__")
+    else:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    code = exc.code or 0
+print("MEASURE", time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, code, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def measured(*argv: str) -> dict:
+    """Run argv in a fresh interpreter; its wall time (after start-up) and peak RSS."""
+    proc = subprocess.run([sys.executable, "-c", RUNNER, *argv], capture_output=True, text=True, cwd=ROOT)
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("MEASURE")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{argv} failed:\n{proc.stderr[-2000:]}")
+    _, secs, rss, _ = line.split()
+    return {"seconds": float(secs), "peak_rss_bytes": int(rss)}
+
+
+def build_checkpoint(width: int, path: Path) -> int:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from resnetv2 import resnetv2_50
+
+    torch.manual_seed(0)
+    if not path.exists():
+        torch.save(resnetv2_50(width=width).state_dict(), path)
+    return path.stat().st_size
+
+
+def latency(width: int, ckpt: Path, baked_path: Path, runs: int) -> dict:
+    import torch
+
+    from resnetv2 import resnetv2_50
+
+    torch.set_num_threads(2)
+    sd = torch.load(ckpt, weights_only=True)
+    original = resnetv2_50(width=width).eval()
+    original.load_state_dict(sd)
+    baked = torch.load(baked_path, weights_only=False).eval()
+    plain = resnetv2_50(width=width, plain=True).eval()
+    plain.load_state_dict(baked.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref, out = original(x), baked(x)
+        err = float((out - ref).abs().max() / ref.abs().max())
+        models = {"original": original, "baked": baked, "plain": plain}
+        for m in models.values():
+            m(x)
+        times = {k: [] for k in models}
+        for _ in range(runs):
+            for key, m in models.items():
+                t = time.perf_counter()
+                m(x)
+                times[key].append(time.perf_counter() - t)
+    med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    return {
+        "latency_ms": med,
+        "baked_vs_original": med["baked"] / med["original"],
+        "baked_vs_plain": med["baked"] / med["plain"],
+        "max_rel_err_baked_vs_original": err,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
+    parser.add_argument("--widths", default="1,4", help="ResNetV2-50 width factors (4 gives a 1.53 GB checkpoint)")
+    parser.add_argument("--skip-export", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"models": {}}
+    loadsave = args.out / "loadsave.py"
+    loadsave.write_text(
+        "import sys, torch\nsd = torch.load(sys.argv[1], weights_only=True)\ntorch.save(sd, sys.argv[2])\n"
+    )
+    for width in (int(w) for w in args.widths.split(",")):
+        name = f"resnetv2_50x{width}"
+        ckpt = args.out / f"{name}.pt"
+        size = build_checkpoint(width, ckpt)
+        floor = measured(str(loadsave), str(ckpt), str(args.out / f"{name}.copy.pt"))
+        (args.out / f"{name}.copy.pt").unlink()
+        baked_path = args.out / f"{name}.baked.pt"
+        bake = measured(
+            "-m",
+            "wsfold",
+            "bake",
+            str(ckpt),
+            "--arch",
+            f"{HERE / 'resnetv2.py'}:resnetv2_50",
+            "--arch-kwargs",
+            json.dumps({"width": width}),
+            "-o",
+            str(baked_path),
+            "--force",
+            "-q",
+        )
+        lat = latency(width, ckpt, baked_path, runs=60 if width == 1 else 8)
+        results["models"][name] = {
+            "checkpoint_bytes": size,
+            "load_save": floor,
+            "bake": bake,
+            "bake_vs_load_save": bake["seconds"] / floor["seconds"],
+            "bake_peak_rss_vs_checkpoint": bake["peak_rss_bytes"] / size,
+            "load_save_peak_rss_vs_checkpoint": floor["peak_rss_bytes"] / size,
+            **lat,
+        }
+        baked_path.unlink()
+    if not args.skip_export:
+        export_json = args.out / "export_bench.json"
+        subprocess.run(
+            [sys.executable, str(HERE / "export_bench.py"), "--json", str(export_json)],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        results["export"] = json.loads(export_json.read_text())
+    header = (
+        f"{'model':16} {'ckpt GB':>8} {'load+save s':>11} {'bake s':>7} {'ratio':>6} {'bake RSS GB':>11} "
+        f"{'RSS/ckpt':>8} {'l+s RSS/ckpt':>12} {'orig ms':>8} {'baked ms':>8} {'plain ms':>8} {'b/orig':>6} {'b/plain':>7} {'err':>8}"
+    )
+    print(header)
+    for name, r in results["models"].items():
+        lat = r["latency_ms"]
+        print(
+            f"{name:16} {r['checkpoint_bytes'] / 1e9:8.2f} {r['load_save']['seconds']:11.2f} {r['bake']['seconds']:7.2f} "
+            f"{r['bake_vs_load_save']:6.2f} {r['bake']['peak_rss_bytes'] / 1e9:11.2f} {r['bake_peak_rss_vs_checkpoint']:8.2f} "
+            f"{r['load_save_peak_rss_vs_checkpoint']:12.2f} {lat['original']:8.1f} {lat['baked']:8.1f} {lat['plain']:8.1f} "
+            f"{r['baked_vs_original']:6.3f} {r['baked_vs_plain']:7.3f} {r['max_rel_err_baked_vs_original']:8.1e}"
+        )
+    if "export" in results:
+        print("\nexport (ResNetV2-50x1):")
+        for name, row in results["export"]["rows"].items():
+            print(
+                f"  {name:44} export {row['export_s']:6.2f} s, session {row['session_s']:.3f} s, "
+                f"{row['latency_ms']:.1f} ms, {row['size_mb']:.1f} MB, {row['nodes']} nodes, {row['reduce_mean']} ReduceMean, "
+                f"max err {row['max_abs_err_vs_torch']:.1e}"
+            )
+        for key, value in results["export"]["ratios"].items():
+            print(f"  {key:40} {value:.3f}")
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()
