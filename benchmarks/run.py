@@ -63,7 +63,6 @@ def build_checkpoint(width: int, path: Path) -> int:
 
 def latency(width: int, ckpt: Path, baked_path: Path, runs: int) -> dict:
     import torch
-
     from resnetv2 import resnetv2_50
 
     torch.set_num_threads(2)
