@@ -60,14 +60,8 @@ def derived_weight(module: nn.Module, layer: DerivedLayer) -> tuple[torch.Tensor
         return layer.observed_weight, bias
     from .formulas import standardize_rounded
 
-    f = layer.formula
-    weight = standardize_rounded(
-        own[layer.source_param],
-        f,
-        own.get(f.scale_tensor) if f.scale_tensor else None,
-        own.get(f.shift_tensor) if f.shift_tensor else None,
-        dtype=layer.dtype,
-    )
+    scale, shift = layer.formula.affine_tensors(own)
+    weight = standardize_rounded(own[layer.source_param], layer.formula, scale, shift, dtype=layer.dtype)
     return weight, bias
 
 

@@ -455,13 +455,7 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
         w0 = _derived_weight_of(module, probe_shape, dtype, param_ids)
         if found:
             f = found[0]
-            full = formula_misfit(
-                raw,
-                w0,
-                f,
-                per_channel.get(f.scale_tensor) if f.scale_tensor else None,
-                per_channel.get(f.shift_tensor) if f.shift_tensor else None,
-            )
+            full = formula_misfit(raw, w0, f, *f.affine_tensors(per_channel))
             found = (f, full) if full <= tolerance(w0.dtype) else None
         if found:
             formula, misfit = found

@@ -50,6 +50,12 @@ class Formula:
             return self.variant
         return self.variant + "+affine"
 
+    def affine_tensors(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The layer's per-channel (scale, shift) tensors this formula names, looked up in ``tensors``."""
+        scale = tensors.get(self.scale_tensor) if self.scale_tensor else None
+        shift = tensors.get(self.shift_tensor) if self.shift_tensor else None
+        return scale, shift
+
     @property
     def description(self) -> str:
         scale = " * ".join(

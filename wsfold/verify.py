@@ -145,7 +145,7 @@ def float64_reference(model: nn.Module, detection) -> tuple[nn.Module, list[str]
     Returns the copy and the names of the layers so replaced.
     """
     from .bake import _set_submodule, build_plain
-    from .detect import OPS, _probe_shapes, _run_probe
+    from .detect import OPS, _own_tensors, _probe_shapes, _run_probe
     from .formulas import standardize
 
     model64 = copy.deepcopy(model).double().eval()
@@ -154,16 +154,8 @@ def float64_reference(model: nn.Module, detection) -> tuple[nn.Module, list[str]
         module64 = model64.get_submodule(layer.name) if layer.name else model64
         expected = None
         if layer.formula is not None:
-            from .detect import _own_tensors
-
             own = _own_tensors(model.get_submodule(layer.name) if layer.name else model)
-            f = layer.formula
-            expected = standardize(
-                own[layer.source_param],
-                f,
-                own.get(f.scale_tensor) if f.scale_tensor else None,
-                own.get(f.shift_tensor) if f.shift_tensor else None,
-            )
+            expected = standardize(own[layer.source_param], layer.formula, *layer.formula.affine_tensors(own))
         try:
             shape = _probe_shapes(module64, torch.empty(layer.weight_shape))[0][0]
             _, rec, _ = _run_probe(module64, shape, torch.float64, 0)
