@@ -320,6 +320,30 @@ def _geometry(call: OpCall) -> dict[str, Any]:
     return {k: _static(call.args.get(k, defaults[k])) for k in names}
 
 
+class _WeightDigest:
+    """Stands in for a probe's derived weight once it has been observed: its shape, an exact copy of the scored
+    channel subset and two reductions (deterministic for equal tensors on CPU, and computed without a copy).
+    Comparing two probes then needs no second full copy of a large weight (it is observed again when needed)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.shape = weight.shape
+        self.ndim = weight.ndim
+        self.dtype = weight.dtype
+        self.subset = weight.detach()[channel_subset(weight.shape[0])].clone()
+        w = weight.detach()
+        self.sums = (float(w.sum()), float(torch.linalg.vector_norm(w)))
+
+    def same_as(self, other: _WeightDigest) -> bool:
+        return self.shape == other.shape and torch.equal(self.subset, other.subset) and self.sums == other.sums
+
+
+def _digest_derived(rec: _Recorder, param_ids: set[int]) -> None:
+    for call in rec.calls:
+        w = call.args.get("weight")
+        if call.op in OPS and isinstance(w, torch.Tensor) and id(w) not in param_ids:
+            call.args["weight"] = _WeightDigest(w)
+
+
 def _derived_weight_of(
     module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, param_ids: set[int], overrides=None
 ) -> torch.Tensor | None:
@@ -335,7 +359,7 @@ def _observe_runs(name: str, type_name: str, runs, param_ids: set[int]):
     derived_runs = []
     for shape, out, rec, x in runs:
         ops = [c for c in rec.calls if c.op in OPS]
-        derived = [c for c in ops if id(c.args["weight"]) not in param_ids]
+        derived = [c for c in ops if isinstance(c.args["weight"], _WeightDigest)]
         derived_runs.append((shape, out, rec, x, ops, derived))
     first = derived_runs[0]
     if not first[5]:
@@ -350,7 +374,7 @@ def _observe_runs(name: str, type_name: str, runs, param_ids: set[int]):
     call = first[5][0]
     for r in derived_runs[1:]:
         other = r[5][0]
-        if not torch.equal(other.args["weight"], call.args["weight"]):
+        if not other.args["weight"].same_as(call.args["weight"]):
             return SkippedLayer(name, type_name, "its weight depends on the input; it cannot become a constant")
         b_a, b_b = call.args.get("bias"), other.args.get("bias")
         if (b_a is None) != (b_b is None) or (b_a is not None and not torch.equal(b_a, b_b)):
@@ -402,9 +426,15 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
     type_name = type(module).__name__
     errors = []
     runs = None
+    param_ids = {id(p) for p in params.values()}
     for shapes in _probe_shapes(module, max(weights, key=lambda t: t.numel())) if weights else []:
         try:
-            runs = [(shape, *_run_probe(module, shape, dtype, seed)) for seed, shape in enumerate(shapes)]
+            runs = []
+            for seed, shape in enumerate(shapes):
+                out, rec, x = _run_probe(module, shape, dtype, seed)
+                _digest_derived(rec, param_ids)  # before the next probe allocates its own copy
+                runs.append((shape, out, rec, x))
+                del out, rec, x
             break
         except Exception as exc:  # noqa: BLE001 - a wrong guess of the input shape raises anything
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -412,7 +442,6 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
         reason = "could not be run on a probe input" + (f" ({errors[0]})" if errors else "")
         return SkippedLayer(name, type_name, reason)
 
-    param_ids = {id(p) for p in params.values()}
     observed = _observe_runs(name, type_name, runs, param_ids)
     probe_shape = runs[0][0]
     del runs  # each run holds a copy of a possibly large derived weight
@@ -442,7 +471,7 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
         # Score formulas on a subset of channels, then check the winner on all of them. Only that subset of the
         # observed weight is held while the designed probes run, so a huge layer is never held three times.
         keep = channel_subset(raw.shape[0])
-        observations = [(raw[keep], w0[keep].clone())]
+        observations = [(raw[keep], w0.subset)]
         del w0
         for designed in designed_weights(raw):
             captured = _derived_weight_of(module, probe_shape, dtype, param_ids, {raw_name: designed})
@@ -459,6 +488,8 @@ def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> D
             found = (f, full) if full <= tolerance(w0.dtype) else None
         if found:
             formula, misfit = found
+    if isinstance(w0, _WeightDigest):
+        w0 = _derived_weight_of(module, probe_shape, dtype, param_ids)
     fan_in = int(w0[0].numel())
     layer = DerivedLayer(
         name=name,
