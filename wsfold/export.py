@@ -46,7 +46,6 @@ class ExportResult:
     dynamic_hw: bool
     pad_guards: list[str] = field(default_factory=list)
     deduplicated: int = 0
-    reduce_mean: int = 0
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,7 +277,7 @@ def export_onnx(
     """Export ``model`` (already baked) to ``out``. ``external_data=None`` picks it automatically above ~1.8 GB."""
     import onnx
 
-    from .onnx_graph import audit_graph, count_ops, dedupe_initializers, drop_unused_initializers, guard_pad_maxpool
+    from .onnx_graph import audit_graph, dedupe_initializers, drop_unused_initializers, guard_pad_maxpool
 
     out = check_output(Path(out), force=force, source=source, suffixes=(".onnx",))
     if exporter not in EXPORTERS:
@@ -372,11 +371,7 @@ def export_onnx(
             onnx.checker.check_model(str(final), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"onnx.checker rejects the exported graph: {str(exc).splitlines()[0]}") from None
-        nodes, initializers, reduce_mean = (
-            len(proto.graph.node),
-            len(proto.graph.initializer),
-            count_ops(proto, "ReduceMean"),
-        )
+        nodes, initializers = len(proto.graph.node), len(proto.graph.initializer)
         del proto
         # Data file first, graph last: OUT never points at missing data.
         stale_data = out.with_name(data_name)
@@ -402,6 +397,5 @@ def export_onnx(
         dynamic_hw=dynamic_hw,
         pad_guards=guards,
         deduplicated=deduped,
-        reduce_mean=reduce_mean,
         notes=notes,
     )

@@ -9,9 +9,8 @@ the original model is in its own precision. --atol/--rtol replace it with allclo
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +50,7 @@ class OutputCheck:
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "reference_name": self.reference_name,
-            "shape": self.shape,
-            "max_abs_error": self.max_abs_error,
-            "max_rel_error": self.max_rel_error,
-            "mean_abs_error": self.mean_abs_error,
-            "worst_index": self.worst_index,
-            "onnx_vs_float64": self.onnx_vs_float64,
-            "reference_vs_float64": self.reference_vs_float64,
-            "allowed": self.allowed,
-            "passed": self.passed,
-            "problems": self.problems,
-        }
+        return {k: v for k, v in asdict(self).items() if k != "index"}
 
 
 @dataclass
@@ -77,7 +63,7 @@ class LayerCheck:
     passed: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 @dataclass
@@ -173,12 +159,6 @@ def float64_reference(model: nn.Module, detection) -> tuple[nn.Module, list[str]
         model64 = _set_submodule(model64, layer.name, new.double())
         replaced.append(layer.name)
     return model64, replaced
-
-
-def _flatten(out: Any) -> tuple[list[str], list[torch.Tensor]]:
-    from .export import flatten_outputs
-
-    return flatten_outputs(out)
 
 
 def _compare(o: np.ndarray, r: torch.Tensor, r64: torch.Tensor, check: OutputCheck, rule, unit: float) -> None:
@@ -327,12 +307,14 @@ def load_inputs(path: Path, session) -> list[dict[str, np.ndarray]]:
 
 
 def _run_checks(session, model, model64, feeds, rule, unit, onnx_names) -> list[OutputCheck]:
+    from .export import flatten_outputs
+
     checks: list[OutputCheck] = []
     for feed in feeds:
         args = tuple(torch.from_numpy(feed[i.name]).to(_model_dtype(model)) for i in session.get_inputs())
         with torch.no_grad():
-            ref_names, ref = _flatten(model(*args))
-            _, ref64 = _flatten(model64(*(a.double() for a in args)))
+            ref_names, ref = flatten_outputs(model(*args))
+            _, ref64 = flatten_outputs(model64(*(a.double() for a in args)))
         outs = _run_session(session, feed)
         if not checks:
             n = max(len(outs), len(ref))
@@ -502,7 +484,3 @@ def compare_layers(model: nn.Module, detection, onnx_path: Path) -> list[LayerCh
             owner = next((b.layer.name for b in report.baked if key in (b.weight_key, b.bias_key)), name)
             checks.append(LayerCheck(owner, key, init_name, err, err / scale, bool(err <= tol * scale)))
     return checks
-
-
-def is_finite_number(value: float) -> bool:
-    return math.isfinite(value)

@@ -94,7 +94,7 @@ def inspect(
         _, detection, _, _, fold_report = _prepare(
             source, arch, arch_kwargs, state_key, allow_pickle, not no_fold, stages
         )
-    payload = {"source": str(source), **detection.to_dict(), **_fold_dict(fold_report)}
+    payload = {"source": str(source), **detection.to_dict(), **fold_report.to_dict()}
     if json_output:
         _emit_json(payload)
     elif not quiet:
@@ -140,7 +140,7 @@ def bake(
         done = stages.step(f"write {out.name}")
         save_baked(baked, report, out, force=force, source=source, fold_report=fold_report)
         done()
-    payload = {"source": str(source), "output": str(out), **detection.to_dict(), **_fold_dict(fold_report)}
+    payload = {"source": str(source), "output": str(out), **detection.to_dict(), **fold_report.to_dict()}
     if json_output:
         _emit_json(payload)
     elif not quiet:
@@ -253,10 +253,6 @@ def _prepare(source, arch, arch_kwargs, state_key, allow_pickle, fold, stages):
     return loaded, detection, baked, report, fold_report
 
 
-def _fold_dict(fold_report) -> dict:
-    return fold_report.to_dict()
-
-
 def _dtype(name: str | None):
     if name is None:
         return None
@@ -336,7 +332,7 @@ def export(
             progress=stages.sequence(),
         )
     if json_output:
-        _emit_json({**result.to_dict(), **_fold_dict(fold_report)})
+        _emit_json({**result.to_dict(), **fold_report.to_dict()})
     elif not quiet:
         console = _stdout()
         console.print(
@@ -353,6 +349,3 @@ def export(
                 "onnxruntime does not fuse them into a -inf-padded MaxPool",
                 highlight=False,
             )
-
-
-__all__ = ["app", "EXIT_VERIFY_FAILED"]
