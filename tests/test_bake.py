@@ -142,3 +142,34 @@ def test_baked_pt_loads_without_the_ws_code(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={"PATH": ""})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
     assert ROOT  # the subprocess runs outside the repo, without fixtures/ on its path
+
+
+def test_streaming_bake_hands_back_source_pages_and_leaves_the_source_intact(tmp_path):
+    """An mmap-loaded source weight's pages are reclaimed once its layer is baked; the file and the tensor's
+    content are untouched, and the input model (inplace=False) still computes what it did."""
+    import hashlib
+
+    import models
+
+    from wsfold.memory import release_pages
+
+    src = tmp_path / "m.pt"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(models.StdConv2d(64, 128, 3, padding=1), models.StdConv2d(128, 64, 3, padding=1))
+    torch.save(model.state_dict(), src)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    sd = torch.load(src, mmap=True, weights_only=True)
+    before = sd["0.weight"].clone()
+    assert release_pages(sd["0.weight"]) and torch.equal(sd["0.weight"], before)
+    assert not release_pages(before)  # anonymous memory is left alone
+
+    loaded = models.StdConv2d(64, 128, 3, padding=1), models.StdConv2d(128, 64, 3, padding=1)
+    original = torch.nn.Sequential(*loaded)
+    original.load_state_dict(sd, assign=True)
+    x = torch.randn(2, 64, 9, 9)
+    with torch.no_grad():
+        expected = original(x)
+        baked, report = bake_model(original)
+        assert len(report.baked) == 2 and type(baked[0]) is torch.nn.Conv2d
+        assert rel_err(baked(x), expected) < 1e-5 and torch.equal(original(x), expected)
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest

@@ -210,7 +210,7 @@ def test_internal_error_exit_3_without_traceback(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(wsfold.detect, "detect_layers", boom)
+    monkeypatch.setattr(wsfold.detect._Prober, "analyse", boom)
     result = run("inspect", ckpt("variants"), "--arch", arch_spec("variants"))
     assert result.exit_code == 3
     assert "internal error: RuntimeError: simulated bug" in result.stderr and "Traceback" not in result.stderr

@@ -90,3 +90,52 @@ def test_standardize_v1_matches_textbook_formula():
     flat = w.reshape(5, -1)
     expected = (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + 1e-5)
     torch.testing.assert_close(standardize(w, Formula("V1", 1e-5)), expected.reshape_as(w), rtol=0, atol=1e-14)
+
+
+class ShapeEpsConv2d(torch.nn.Conv2d):
+    """Same class and attributes, different math by size: eps 1e-5 up to 8 filters, 1e-3 above."""
+
+    def forward(self, x):
+        eps = 1e-5 if self.weight.shape[0] <= 8 else 1e-3
+        v, m = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return torch.nn.functional.conv2d(x, (self.weight - m) / torch.sqrt(v + eps), self.bias, self.stride, 1)
+
+
+def test_layers_of_one_signature_are_probed_fully_once_and_each_checked_on_its_weight():
+    import models
+
+    model = torch.nn.Sequential(
+        models.StdConv2d(3, 8, 3, padding=1, eps=1e-6),
+        models.StdConv2d(8, 16, 1, eps=1e-6),
+        models.StdConv2d(16, 16, 3, stride=2, eps=1e-6),
+        models.StdConv2d(16, 4, 3, eps=1e-4),  # another eps: another signature
+    )
+    det = detect_layers(model)
+    assert [(l.name, l.probed_as, l.eps) for l in det.layers] == [
+        ("0", None, 1e-6),
+        ("1", "0", 1e-6),
+        ("2", "0", 1e-6),
+        ("3", None, 1e-4),
+    ]
+    assert all(l.misfit <= 48 * torch.finfo(torch.float32).eps for l in det.layers)
+
+
+def test_a_layer_that_does_not_fit_its_signatures_formula_is_probed_fully():
+    model = torch.nn.Sequential(ShapeEpsConv2d(3, 8, 3), ShapeEpsConv2d(8, 32, 3))
+    with torch.no_grad():
+        model[1].weight.mul_(0.3)  # variance ~4e-4: eps 1e-3 vs 1e-5 is far outside rounding
+    det = detect_layers(model)
+    assert [(l.name, l.probed_as, l.eps) for l in det.layers] == [("0", None, 1e-5), ("1", None, 1e-3)]
+
+
+def test_a_module_that_changes_the_ops_output_is_not_taken_for_the_op():
+    """Probes do not compute the op (a random stand-in of its output shape is returned): a module that scales
+    the output must still be told apart from one that returns it."""
+    import models
+
+    class Scaled(models.StdConv2d):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    det = detect_layers(torch.nn.Sequential(Scaled(3, 4, 3)))
+    assert det.layers == [] and "more than one op" in det.unsupported[0].reason

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from .detect import DerivedLayer, Detection, _as_tuple, _own_tensors, detect_layers, op_kind
+from .formulas import standardize_rounded
+from .memory import release_pages
 from .modules import SamePad
 
 _CONV = {
@@ -58,10 +60,10 @@ def derived_weight(module: nn.Module, layer: DerivedLayer) -> tuple[torch.Tensor
     bias = own.get(layer.bias_is_param) if layer.bias_is_param else layer.observed_bias
     if layer.formula is None:
         return layer.observed_weight, bias
-    from .formulas import standardize_rounded
-
+    if layer.exact_weight is not None:
+        return layer.exact_weight, bias
     scale, shift = layer.formula.affine_tensors(own)
-    weight = standardize_rounded(own[layer.source_param], layer.formula, scale, shift, dtype=layer.dtype)
+    weight = standardize_rounded(own[layer.source_param], layer.formula, scale, shift, dtype=layer.dtype).weight
     return weight, bias
 
 
@@ -139,19 +141,51 @@ def bake_model(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, BakeReport]:
     """Return ``model`` with every detected derived-weight layer replaced by a plain op; the input is untouched
-    unless ``inplace``. Unsupported layers stay as they are and are listed in the report."""
-    detection = detection if detection is not None else detect_layers(model)
-    if not inplace:
-        # Copy the container only; baked layers get fresh tensors, the rest are shared read-only with the input.
-        model = _shallow_copy_tree(model, {layer.name for layer in detection.layers})
-    report = BakeReport(detection)
-    for i, layer in enumerate(detection.layers):
-        module = model.get_submodule(layer.name) if layer.name else model
+    unless ``inplace``. Unsupported layers stay as they are and are listed in the report.
+
+    Without a ``detection``, each layer is baked as soon as it is found, from the weight its detection already
+    computed, so a large model is never held twice and no weight is standardized twice. ``progress`` then
+    counts the modules probed, else the layers baked."""
+    baking = _Baking(model, inplace)
+    if detection is None:
+        flags = {n: m.training for n, m in model.named_modules()}
+        detection = detect_layers(model, progress, on_layer=baking.bake)
+        # Layers were replaced while the model was in eval mode for probing: give each module its own mode
+        # back, and a replacement (and its children) the mode of the layer it replaced.
+        modes: dict[str, bool] = {}
+        for name, m in baking.model.named_modules():
+            modes[name] = flags.get(name, modes.get(name.rpartition(".")[0], m.training))
+            m.training = modes[name]
+    else:
+        for i, layer in enumerate(detection.layers):
+            baking.bake(layer)
+            if progress:
+                progress(i + 1, len(detection.layers))
+    return baking.model, BakeReport(detection, baking.baked)
+
+
+class _Baking:
+    """Replaces layers one at a time. Unless ``inplace``, the module objects on the path to a replaced layer are
+    copied first (so the input model is not reached); all tensors and untouched modules are shared."""
+
+    def __init__(self, model: nn.Module, inplace: bool) -> None:
+        self.model = model
+        self.inplace = inplace
+        self.copied: dict[str, nn.Module] = {}
+        self.baked: list[BakedLayer] = []
+
+    def bake(self, layer: DerivedLayer) -> None:
+        if any(layer.name.startswith(b.layer.name + ".") or b.layer.name == "" for b in self.baked):
+            return  # inside a layer already replaced
+        if not self.inplace and layer.name:
+            self.model = _copy_path(self.model, layer.name, self.copied)
+        module = self.model.get_submodule(layer.name) if layer.name else self.model
+        source = _own_tensors(module).get(layer.source_param)
         new, prefix = build_plain(module, layer)
         new.train(module.training)
-        model = _set_submodule(model, layer.name, new)
+        self.model = _set_submodule(self.model, layer.name, new)
         base = f"{layer.name}." if layer.name else ""
-        report.baked.append(
+        self.baked.append(
             BakedLayer(
                 layer,
                 f"{base}{prefix}weight",
@@ -159,28 +193,35 @@ def bake_model(
                 type(new).__name__,
             )
         )
-        if progress:
-            progress(i + 1, len(detection.layers))
-    return model, report
+        if source is not None and layer.formula is not None:
+            release_pages(source)  # a memory-mapped source weight is not needed again
+
+
+def _copy_path(model: nn.Module, name: str, copied: dict[str, nn.Module]) -> nn.Module:
+    """Copy (once, recorded in ``copied``) the root and every module above ``name``, so that setting ``name``
+    does not reach the original tree; returns the copied root. Tensors and other modules stay shared."""
+    if "" not in copied:
+        root = copy.copy(model)
+        root._modules = dict(model._modules)
+        copied[""] = root
+    parts = name.split(".")
+    for depth in range(1, len(parts)):
+        path = ".".join(parts[:depth])
+        if path in copied:
+            continue
+        parent = copied[".".join(parts[: depth - 1])]
+        clone = copy.copy(parent._modules[parts[depth - 1]])
+        clone._modules = dict(clone._modules)
+        parent._modules[parts[depth - 1]] = clone
+        copied[path] = clone
+    return copied[""]
 
 
 def _shallow_copy_tree(model: nn.Module, replaced: set[str]) -> nn.Module:
-    """Copy the module objects on the paths to replaced layers (so setattr does not reach the input model);
-    everything else, including all tensors, is shared rather than deep-copied."""
+    """The tree copied on the paths to every replaced layer (see _copy_path)."""
     if "" in replaced:
         return model
-    root = copy.copy(model)
-    root._modules = dict(model._modules)
-    copied = {"": root}
+    copied: dict[str, nn.Module] = {}
     for name in sorted(replaced):
-        parts = name.split(".")
-        for depth in range(1, len(parts)):
-            path = ".".join(parts[:depth])
-            if path in copied:
-                continue
-            parent = copied[".".join(parts[: depth - 1])]
-            clone = copy.copy(parent._modules[parts[depth - 1]])
-            clone._modules = dict(clone._modules)
-            parent._modules[parts[depth - 1]] = clone
-            copied[path] = clone
-    return root
+        _copy_path(model, name, copied)
+    return copied.get("", model)

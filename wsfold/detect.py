@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import inspect as _inspect
 import math
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,11 +21,11 @@ from torch.overrides import TorchFunctionMode
 
 from .formulas import (
     Formula,
-    channel_stats,
     channel_subset,
+    const_value,
     designed_weights,
-    formula_misfit,
     identify_formula,
+    standardize_rounded,
     tolerance,
 )
 
@@ -126,6 +127,10 @@ class DerivedLayer:
     # Kept only when no formula was identified: the baked weight is then the observed one.
     observed_weight: torch.Tensor | None = field(default=None, repr=False)
     observed_bias: torch.Tensor | None = field(default=None, repr=False)
+    # The formula's weight rounded once, held only while detect_layers hands the layer to ``on_layer``.
+    exact_weight: torch.Tensor | None = field(default=None, repr=False)
+    # The layer whose full probes established this one's formula (None: probed fully itself).
+    probed_as: str | None = None
 
     @property
     def formula_name(self) -> str:
@@ -153,6 +158,7 @@ class DerivedLayer:
             "dtype": str(self.dtype).removeprefix("torch."),
             "padding": _pad_text(self.pad, self.geometry),
             "misfit": self.misfit,
+            "probed_as": self.probed_as,
             "warnings": list(self.warnings),
         }
 
@@ -192,23 +198,42 @@ class Detection:
 
 
 class _Recorder(TorchFunctionMode):
-    """Records conv/linear/pad calls made directly by the probed module (not by descendants with parameters)."""
+    """Records conv/linear/pad calls made directly by the probed module (not by descendants with parameters).
+
+    A recorded conv/linear is not computed: its output is a stand-in of the right shape (the op run on an empty
+    batch) filled with random numbers, so that probing costs what the layer's own weight code costs and no
+    convolution over a wide layer. Random values keep "the module returns the op's output" checkable."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[OpCall] = []
         self.depth = 0
+        self._gen = torch.Generator().manual_seed(1234)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        if self.depth == 0 and (name in OPS or name == "pad"):
+        recorded = self.depth == 0 and (name in OPS or name == "pad")
+        out = self._stand_in(func, args, kwargs) if recorded and name in OPS else func(*args, **kwargs)
+        if recorded:
             names = _SIGNATURES["pad" if name == "pad" else op_kind(name)]
             bound = dict(zip(names, args))
             bound.update(kwargs)
             self.calls.append(OpCall(name, bound, out))
         return out
+
+    def _stand_in(self, func, args, kwargs):
+        # The op run on an empty batch checks every shape and gives the output's, at no cost.
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] == 0:
+            return func(*args, **kwargs)
+        empty = x[:0]
+        if args:
+            shaped = func(empty, *args[1:], **kwargs)
+        else:
+            shaped = func(*args, **{**kwargs, "input": empty})
+        shape = (x.shape[0], *shaped.shape[1:])
+        return torch.randn(shape, generator=self._gen).to(shaped.dtype)
 
 
 def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -323,37 +348,52 @@ def _geometry(call: OpCall) -> dict[str, Any]:
 class _WeightDigest:
     """Stands in for a probe's derived weight once it has been observed: its shape, an exact copy of the scored
     channel subset and two reductions (deterministic for equal tensors on CPU, and computed without a copy).
-    Comparing two probes then needs no second full copy of a large weight (it is observed again when needed)."""
+    Comparing two probes then needs no second full copy of a large weight; only the first probe's weight is
+    kept whole (``tensor``)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, keep: bool = False) -> None:
         self.shape = weight.shape
         self.ndim = weight.ndim
         self.dtype = weight.dtype
         self.subset = weight.detach()[channel_subset(weight.shape[0])].clone()
         w = weight.detach()
         self.sums = (float(w.sum()), float(torch.linalg.vector_norm(w)))
+        self.tensor = w if keep else None
 
     def same_as(self, other: _WeightDigest) -> bool:
         return self.shape == other.shape and torch.equal(self.subset, other.subset) and self.sums == other.sums
 
 
-def _digest_derived(rec: _Recorder, param_ids: set[int]) -> None:
+class _Tensors:
+    """The model's parameters and buffers, by identity, without keeping them alive: a layer baked on the way
+    frees its tensors, and a fresh tensor at a recycled address must not pass for one of them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
+        tensors += [t for _, t in model.named_buffers(remove_duplicate=False) if t is not None]
+        self._by_id = weakref.WeakValueDictionary({id(t): t for t in tensors})
+
+    def __contains__(self, tensor: object) -> bool:
+        return self._by_id.get(id(tensor)) is tensor
+
+
+def _digest_derived(rec: _Recorder, param_ids: _Tensors, keep: bool = False) -> None:
     for call in rec.calls:
         w = call.args.get("weight")
-        if call.op in OPS and isinstance(w, torch.Tensor) and id(w) not in param_ids:
-            call.args["weight"] = _WeightDigest(w)
+        if call.op in OPS and isinstance(w, torch.Tensor) and w not in param_ids:
+            call.args["weight"] = _WeightDigest(w, keep)
 
 
 def _derived_weight_of(
-    module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, param_ids: set[int], overrides=None
+    module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, param_ids: _Tensors, overrides=None
 ) -> torch.Tensor | None:
     """The derived weight the module hands to its op on one probe (with ``overrides`` substituted)."""
     _, rec, _ = _run_probe(module, shape, dtype, 0, overrides)
-    calls = [c for c in rec.calls if c.op in OPS and id(c.args["weight"]) not in param_ids]
+    calls = [c for c in rec.calls if c.op in OPS and c.args["weight"] not in param_ids]
     return calls[0].args["weight"] if len(calls) == 1 else None
 
 
-def _observe_runs(name: str, type_name: str, runs, param_ids: set[int]):
+def _observe_runs(name: str, type_name: str, runs, param_ids: _Tensors):
     """From two probe runs at different input sizes: the single derived-weight op call (of the first run) and
     its padding, or a SkippedLayer saying why the module is not [pad] + one op, or None if nothing is derived."""
     derived_runs = []
@@ -419,112 +459,218 @@ def _observe_runs(name: str, type_name: str, runs, param_ids: set[int]):
     )
 
 
-def _analyse(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> DerivedLayer | SkippedLayer | None:
-    own = _own_tensors(module)
-    weights = [t for t in own.values() if t.is_floating_point() and t.ndim >= 2]
-    dtype = max(weights, key=lambda t: t.numel()).dtype if weights else next(iter(own.values())).dtype
-    type_name = type(module).__name__
-    errors = []
-    runs = None
-    param_ids = {id(p) for p in params.values()}
-    for shapes in _probe_shapes(module, max(weights, key=lambda t: t.numel())) if weights else []:
-        try:
-            runs = []
-            for seed, shape in enumerate(shapes):
-                out, rec, x = _run_probe(module, shape, dtype, seed)
-                _digest_derived(rec, param_ids)  # before the next probe allocates its own copy
-                runs.append((shape, out, rec, x))
-                del out, rec, x
-            break
-        except Exception as exc:  # noqa: BLE001 - a wrong guess of the input shape raises anything
-            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    if runs is None:
-        reason = "could not be run on a probe input" + (f" ({errors[0]})" if errors else "")
-        return SkippedLayer(name, type_name, reason)
+@dataclass
+class _Learned:
+    """What fully probing one layer established about every module with the same signature (see _signature):
+    which probe input fits, where the weight comes from, and the form of its formula."""
 
-    observed = _observe_runs(name, type_name, runs, param_ids)
-    probe_shape = runs[0][0]
-    del runs  # each run holds a copy of a possibly large derived weight
-    if observed is None or isinstance(observed, SkippedLayer):
-        return observed
-    call, pad_spec = observed
-    del observed
-    geometry = _geometry(call)
-    w0 = call.args["weight"]
-    bias = call.args.get("bias")
-    op_name = call.op
-    del call
+    layer: str
+    shape_index: int
+    raw_name: str
+    bias_param: str | None
+    formula: Formula
 
-    # Where does the weight come from: the raw tensor of the same shape among the layer's own tensors.
-    raw_name, raw = next(
-        ((k, t) for k, t in own.items() if t.shape == w0.shape and t.is_floating_point()), (None, None)
-    )
-    bias_param = next((k for k, t in own.items() if t is bias), None) if bias is not None else None
-    formula = misfit = None
-    if raw is not None:
-        per_channel = {
-            k: t
-            for k, t in own.items()
-            if k not in (raw_name, bias_param) and t.is_floating_point() and t.numel() == w0.shape[0]
-        }
+
+# Attributes that describe a module's shape rather than its math: modules differing only in these share a
+# signature (a formula's constant that uses one is re-evaluated per module).
+_SHAPE_ATTRS = frozenset({"in_channels", "out_channels", "in_features", "out_features", "groups"})
+
+
+def _signature(module: nn.Module, own: dict[str, torch.Tensor], scalars: dict[str, float]) -> tuple | None:
+    """Modules with equal signatures run the same code with the same constants: same class, the same named
+    tensors (rank and dtype), equal numeric attributes. None for modules whose behaviour can be changed per
+    instance (a forward or hooks of their own, parametrizations): those are always probed fully."""
+    if hasattr(module, "parametrizations") or "forward" in vars(module):
+        return None
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    tensors = tuple(sorted((k, t.ndim, t.dtype) for k, t in own.items()))
+    consts = tuple(sorted((k, v) for k, v in scalars.items() if k not in _SHAPE_ATTRS))
+    return (type(module), tensors, consts)
+
+
+class _Prober:
+    """Analyses candidate modules one at a time.
+
+    The first module of each signature is probed fully: two real probes at different input sizes (padding and
+    input dependence), then designed weights that separate formulas the real weight cannot. A later module of
+    the same signature is run once on its real weight and accepted only when the formula of the same form,
+    evaluated in float64, reproduces on every channel what its own code computed; anything else sends it
+    through the full probes too. Either way every layer's own output is checked whole."""
+
+    def __init__(self, param_ids: _Tensors, keep_weights: bool) -> None:
+        self.param_ids = param_ids
+        self.keep_weights = keep_weights
+        self.learned: dict[tuple, _Learned] = {}
+
+    def analyse(self, name: str, module: nn.Module) -> DerivedLayer | SkippedLayer | None:
+        own = _own_tensors(module)
+        weights = [t for t in own.values() if t.is_floating_point() and t.ndim >= 2]
+        if not weights:
+            return SkippedLayer(name, type(module).__name__, "could not be run on a probe input")
+        largest = max(weights, key=lambda t: t.numel())
         scalars, eps_hints = _scalar_attributes(module)
-        # Score formulas on a subset of channels, then check the winner on all of them. Only that subset of the
-        # observed weight is held while the designed probes run, so a huge layer is never held three times.
-        keep = channel_subset(raw.shape[0])
-        observations = [(raw[keep], w0.subset)]
-        del w0
-        for designed in designed_weights(raw):
-            captured = _derived_weight_of(module, probe_shape, dtype, param_ids, {raw_name: designed})
-            if captured is not None and captured.shape == raw.shape:
-                observations.append((designed[keep], captured[keep].clone()))
-            del designed, captured
-        found = identify_formula(
-            observations, {k: v.reshape(-1)[keep] for k, v in per_channel.items()}, scalars, eps_hints
+        signature = _signature(module, own, scalars)
+        learned = self.learned.get(signature) if signature is not None else None
+        if learned is not None:
+            layer = self._quick(name, module, own, largest, scalars, learned)
+            if layer is not None:
+                return layer
+        result, learned = self._full(name, module, own, largest, scalars, eps_hints)
+        if signature is not None and learned is not None:
+            self.learned.setdefault(signature, learned)
+        return result
+
+    def _quick(self, name, module, own, largest, scalars, learned: _Learned) -> DerivedLayer | None:
+        shapes = _probe_shapes(module, largest)
+        if learned.shape_index >= len(shapes):
+            return None
+        shape = shapes[learned.shape_index][0]
+        try:
+            out, rec, x = _run_probe(module, shape, largest.dtype, 0)
+        except Exception:  # noqa: BLE001 - then the full probes decide
+            return None
+        ops = [c for c in rec.calls if c.op in OPS]
+        if len(ops) != 1 or any(c.op == "pad" for c in rec.calls):
+            return None
+        call = ops[0]
+        w0, bias = call.args.get("weight"), call.args.get("bias")
+        raw = own.get(learned.raw_name)
+        if not isinstance(w0, torch.Tensor) or w0 in self.param_ids or raw is None or raw.shape != w0.shape:
+            return None
+        if out is not call.output or call.args["input"] is not x:
+            return None
+        bias_param = next((k for k, t in own.items() if t is bias), None) if bias is not None else None
+        if bias_param != learned.bias_param:
+            return None
+        n = int(w0[0].numel())
+        try:
+            formula = replace(learned.formula, scale_const=const_value(learned.formula.scale_const_name, scalars, n))
+        except KeyError:
+            return None
+        per_channel = _per_channel(own, w0.shape[0], learned.raw_name, bias_param)
+        scale, shift = formula.affine_tensors(per_channel)
+        if (formula.scale_tensor and scale is None) or (formula.shift_tensor and shift is None):
+            return None
+        rounded = standardize_rounded(raw, formula, scale, shift, dtype=w0.dtype, observed=w0, keep=self.keep_weights)
+        if not rounded.misfit <= tolerance(w0.dtype):
+            return None
+        layer = self._layer(name, module, call, w0, None, learned.raw_name, bias_param, formula, rounded)
+        layer.probed_as = learned.layer
+        return layer
+
+    def _full(self, name, module, own, largest, scalars, eps_hints):
+        type_name = type(module).__name__
+        dtype = largest.dtype
+        errors = []
+        runs = None
+        shape_index = -1
+        for shapes in _probe_shapes(module, largest):
+            shape_index += 1
+            try:
+                runs = []
+                for seed, shape in enumerate(shapes):
+                    out, rec, x = _run_probe(module, shape, dtype, seed)
+                    # Only the first probe's derived weight is kept whole; later ones are digested at once.
+                    _digest_derived(rec, self.param_ids, keep=seed == 0)
+                    runs.append((shape, out, rec, x))
+                    del out, rec, x
+                break
+            except Exception as exc:  # noqa: BLE001 - a wrong guess of the input shape raises anything
+                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                runs = None
+        if runs is None:
+            reason = "could not be run on a probe input" + (f" ({errors[0]})" if errors else "")
+            return SkippedLayer(name, type_name, reason), None
+
+        observed = _observe_runs(name, type_name, runs, self.param_ids)
+        probe_shape = runs[0][0]
+        del runs  # each run holds its derived weight
+        if observed is None or isinstance(observed, SkippedLayer):
+            return observed, None
+        call, pad_spec = observed
+        del observed
+        w0 = call.args["weight"].tensor
+        digest = call.args["weight"]
+        bias = call.args.get("bias")
+
+        # Where does the weight come from: the raw tensor of the same shape among the layer's own tensors.
+        raw_name, raw = next(
+            ((k, t) for k, t in own.items() if t.shape == w0.shape and t.is_floating_point()), (None, None)
         )
-        w0 = _derived_weight_of(module, probe_shape, dtype, param_ids)
-        if found:
-            f = found[0]
-            full = formula_misfit(raw, w0, f, *f.affine_tensors(per_channel))
-            found = (f, full) if full <= tolerance(w0.dtype) else None
-        if found:
-            formula, misfit = found
-    if isinstance(w0, _WeightDigest):
-        w0 = _derived_weight_of(module, probe_shape, dtype, param_ids)
-    fan_in = int(w0[0].numel())
-    layer = DerivedLayer(
-        name=name,
-        type=type_name,
-        op=op_name,
-        geometry=geometry,
-        weight_shape=tuple(w0.shape),
-        dtype=w0.dtype,
-        source_param=raw_name or "",
-        formula=formula,
-        misfit=misfit,
-        fan_in=fan_in,
-        pad=pad_spec,
-        known_as=KNOWN_CLASSES.get(type_name)
-        or ("torch.nn.utils.parametrize" if hasattr(module, "parametrizations") else None),
-        bias_is_param=bias_param,
-    )
-    if formula is None:
-        layer.observed_weight = w0.detach().clone()
-        layer.observed_bias = None if bias is None else bias.detach().clone()
-        layer.warnings.append("formula not identified: the observed weight is baked as is")
-    elif bias is not None and bias_param is None:
-        layer.observed_bias = bias.detach().clone()
-    if fan_in < 16:
-        layer.warnings.append(f"fan-in {fan_in} < 16: statistics from {fan_in} numbers")
-    if formula is not None and raw is not None:
-        low = sum(
-            int((channel_stats(raw[i : i + 256], torch.float32)[1] < formula.eps).sum())
-            for i in range(0, raw.shape[0], 256)
+        bias_param = next((k for k, t in own.items() if t is bias), None) if bias is not None else None
+        formula = rounded = None
+        if raw is not None:
+            per_channel = _per_channel(own, w0.shape[0], raw_name, bias_param)
+            # Score formulas on a subset of channels (the real weight and the designed ones), then check the
+            # winner on all of them.
+            keep = channel_subset(raw.shape[0])
+            observations = [(raw[keep], digest.subset)]
+            for designed in designed_weights(raw):
+                captured = _derived_weight_of(module, probe_shape, dtype, self.param_ids, {raw_name: designed})
+                if captured is not None and captured.shape == raw.shape:
+                    observations.append((designed[keep], captured[keep].clone()))
+                del designed, captured
+            found = identify_formula(
+                observations, {k: v.reshape(-1)[keep] for k, v in per_channel.items()}, scalars, eps_hints
+            )
+            if found:
+                f = found[0]
+                full = standardize_rounded(
+                    raw, f, *f.affine_tensors(per_channel), dtype=w0.dtype, observed=w0, keep=self.keep_weights
+                )
+                if full.misfit <= tolerance(w0.dtype):
+                    formula, rounded = f, full
+        layer = self._layer(name, module, call, w0, pad_spec, raw_name, bias_param, formula, rounded)
+        clean = formula is not None and pad_spec is None and raw_name is not None and (bias is None or bias_param)
+        learned = _Learned(name, shape_index, raw_name, bias_param, formula) if clean else None
+        return layer, learned
+
+    def _layer(self, name, module, call, w0, pad_spec, raw_name, bias_param, formula, rounded) -> DerivedLayer:
+        bias = call.args.get("bias")
+        fan_in = int(w0[0].numel())
+        type_name = type(module).__name__
+        layer = DerivedLayer(
+            name=name,
+            type=type_name,
+            op=call.op,
+            geometry=_geometry(call),
+            weight_shape=tuple(w0.shape),
+            dtype=w0.dtype,
+            source_param=raw_name or "",
+            formula=formula,
+            misfit=None if rounded is None else rounded.misfit,
+            fan_in=fan_in,
+            pad=pad_spec,
+            known_as=KNOWN_CLASSES.get(type_name)
+            or ("torch.nn.utils.parametrize" if hasattr(module, "parametrizations") else None),
+            bias_is_param=bias_param,
         )
-        if low:
-            layer.warnings.append(f"{low} filter(s) with variance below eps={formula.eps:g}")
-    if raw is None:
-        layer.warnings.append("no parameter of the weight's shape: the observed weight is baked as is")
-    return layer
+        if formula is None:
+            layer.observed_weight = w0.detach().clone()
+            layer.observed_bias = None if bias is None else bias.detach().clone()
+            layer.warnings.append("formula not identified: the observed weight is baked as is")
+        else:
+            layer.exact_weight = rounded.weight
+            if bias is not None and bias_param is None:
+                layer.observed_bias = bias.detach().clone()
+            low = int((rounded.var_b < formula.eps).sum())
+            if low:
+                layer.warnings.append(f"{low} filter(s) with variance below eps={formula.eps:g}")
+        if fan_in < 16:
+            layer.warnings.append(f"fan-in {fan_in} < 16: statistics from {fan_in} numbers")
+        if not raw_name:
+            layer.warnings.append("no parameter of the weight's shape: the observed weight is baked as is")
+        return layer
+
+
+def _per_channel(own: dict[str, torch.Tensor], channels: int, raw_name, bias_param) -> dict[str, torch.Tensor]:
+    """The layer's other tensors with one value per output channel (gains, AWS gamma/beta)."""
+    return {
+        k: t
+        for k, t in own.items()
+        if k not in (raw_name, bias_param) and t.is_floating_point() and t.numel() == channels
+    }
 
 
 def _scalar_attributes(module: nn.Module) -> tuple[dict[str, float], list[float]]:
@@ -550,29 +696,46 @@ def _scalar_attributes(module: nn.Module) -> tuple[dict[str, float], list[float]
     return scalars, eps_hints
 
 
-def detect_layers(model: nn.Module, progress: Callable[[int, int], None] | None = None) -> Detection:
-    """Probe every candidate module of ``model`` and report the ones with a derived weight. Never mutates ``model``."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    params.update(model.named_buffers(remove_duplicate=False))
-    candidates = [(n, m) for n, m in model.named_modules() if _is_candidate(m)]
+def detect_layers(
+    model: nn.Module,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    on_layer: Callable[[DerivedLayer], None] | None = None,
+) -> Detection:
+    """Probe every candidate module of ``model`` and report the ones with a derived weight. Never mutates ``model``.
+
+    With ``on_layer``, each layer found is handed over at once with its exact weight (``exact_weight``, the
+    formula in float64 rounded once) so the caller can bake it before the next is probed; the weight is not
+    kept in the returned Detection."""
+    param_ids = _Tensors(model)
+    # Names, not module objects: a layer baked on the way (on_layer) must not be kept alive by this loop.
+    candidates = [n for n, m in model.named_modules() if _is_candidate(m)]
+    prober = _Prober(param_ids, keep_weights=on_layer is not None)
     layers: list[DerivedLayer] = []
     unsupported: list[SkippedLayer] = []
     unprobed: list[SkippedLayer] = []
-    was_training = {m: m.training for m in model.modules()}
+    was_training = {n: m.training for n, m in model.named_modules()}
     model.eval()
     try:
-        for i, (name, module) in enumerate(candidates):
-            result = _analyse(name, module, params)
+        for i, name in enumerate(candidates):
+            # A layer inside an unsupported one must not be baked on its own: the parent's math would be split.
+            # named_modules() lists parents first, so the parent's verdict is known by now.
+            if any(name.startswith(u.name + ".") for u in unsupported if u.name):
+                result = None
+            else:
+                result = prober.analyse(name, model.get_submodule(name))
             if isinstance(result, DerivedLayer):
                 layers.append(result)
+                if on_layer is not None:
+                    on_layer(result)
+                result.exact_weight = None
             elif isinstance(result, SkippedLayer):
                 (unprobed if result.reason.startswith("could not be run") else unsupported).append(result)
+            del result
             if progress:
                 progress(i + 1, len(candidates))
     finally:
-        for m, t in was_training.items():
-            m.training = t
-    # A layer inside an unsupported one must not be baked on its own: the parent's math would be split.
-    blocked = [u.name for u in unsupported]
-    layers = [l for l in layers if not any(l.name.startswith(b + ".") for b in blocked if b)]
+        for n, m in model.named_modules():
+            if n in was_training:
+                m.training = was_training[n]
     return Detection(layers, unsupported, unprobed)

@@ -86,8 +86,8 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dic
             f"{path} is truncated or corrupt (its zip directory is unreadable).", "fetch the checkpoint again."
         )
     try:
-        # No mmap: file-backed pages would stay resident (and count in RSS) after baking replaces the weights.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: nothing is read until used, and baking hands each source weight's pages back (memory.py).
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
         return obj, None
     except pickle.UnpicklingError as exc:
         text = str(exc)

@@ -239,12 +239,12 @@ def verify(
 def _prepare(source, arch, arch_kwargs, state_key, allow_pickle, fold, stages):
     """load -> detect -> bake -> fold: the pipeline every command starts with."""
     from ..bake import bake_model
-    from ..detect import detect_layers
     from ..fold import FoldReport, fold_model
 
     loaded = _load(source, arch, arch_kwargs, state_key, allow_pickle, stages)
-    detection = detect_layers(loaded.model, progress=stages.stage("probe layers"))
-    baked, report = bake_model(loaded.model, detection, inplace=True, progress=stages.stage("bake layers"))
+    # Each layer is baked as soon as it is probed, from the weight the probe already standardized.
+    baked, report = bake_model(loaded.model, inplace=True, progress=stages.stage("probe layers"))
+    detection = report.detection
     fold_report = FoldReport(skipped="--no-fold")
     if fold:
         done = stages.step("fold normalizers")
