@@ -28,6 +28,7 @@ from .formulas import (
     standardize_rounded,
     tolerance,
 )
+from .memory import FilePages
 
 OPS: dict[str, Callable] = {
     "conv1d": F.conv1d,
@@ -552,7 +553,9 @@ class _Prober:
         scale, shift = formula.affine_tensors(per_channel)
         if (formula.scale_tensor and scale is None) or (formula.shift_tensor and shift is None):
             return None
-        rounded = standardize_rounded(raw, formula, scale, shift, dtype=w0.dtype, observed=w0, keep=self.keep_weights)
+        rounded = standardize_rounded(
+            raw, formula, scale, shift, dtype=w0.dtype, observed=w0, keep=self.keep_weights, done_rows=self._done(raw)
+        )
         if not rounded.misfit <= tolerance(w0.dtype):
             return None
         layer = self._layer(name, module, call, w0, None, learned.raw_name, bias_param, formula, rounded)
@@ -617,7 +620,13 @@ class _Prober:
             if found:
                 f = found[0]
                 full = standardize_rounded(
-                    raw, f, *f.affine_tensors(per_channel), dtype=w0.dtype, observed=w0, keep=self.keep_weights
+                    raw,
+                    f,
+                    *f.affine_tensors(per_channel),
+                    dtype=w0.dtype,
+                    observed=w0,
+                    keep=self.keep_weights,
+                    done_rows=self._done(raw),
                 )
                 if full.misfit <= tolerance(w0.dtype):
                     formula, rounded = f, full
@@ -625,6 +634,11 @@ class _Prober:
         clean = formula is not None and pad_spec is None and raw_name is not None and (bias is None or bias_param)
         learned = _Learned(name, shape_index, raw_name, bias_param, formula) if clean else None
         return layer, learned
+
+    def _done(self, raw: torch.Tensor):
+        """When baking, a memory-mapped source weight's pages are handed back as soon as they have been read for
+        the last time (the baked layer replaces it)."""
+        return FilePages(raw).release if self.keep_weights else None
 
     def _layer(self, name, module, call, w0, pad_spec, raw_name, bias_param, formula, rounded) -> DerivedLayer:
         bias = call.args.get("bias")

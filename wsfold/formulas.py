@@ -8,7 +8,8 @@ Standardization". The variants differ only in D (and V9 multiplies instead of di
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,19 @@ def channel_subset(channels: int, limit: int = 128) -> torch.Tensor:
     return torch.linspace(0, channels - 1, limit).round().long().unique()
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused work buffer (per thread, role and dtype): allocating and freeing one per layer would leave
+    the allocator's heap fragmented by a long bake."""
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    have = pool.get((role, dtype))
+    if have is None or have.numel() < numel:
+        have = pool[(role, dtype)] = torch.empty(numel, dtype=dtype)
+    return have[:numel]
+
+
 @dataclass
 class Rounded:
     """What :func:`standardize_rounded` computed: the weight (None when not asked for), its misfit against an
@@ -159,13 +173,15 @@ def standardize_rounded(
     observed: torch.Tensor | None = None,
     keep: bool = True,
     chunk_elems: int = 1 << 18,
+    done_rows: Callable[[int, int], object] | None = None,
 ) -> Rounded:
     """The formula in float64, rounded once to ``dtype``, and (given ``observed``, what the layer's own code
     produced) max |rounded - observed| / max |observed| over every element.
 
     One pass over the weight: a block of output channels at a time (about 2 MB in float64, so each step stays
     in cache) is widened into one reused buffer, centred, scaled in place and rounded into the output; nothing
-    the size of the layer exists in float64. ``keep=False`` only measures the misfit."""
+    the size of the layer exists in float64. ``keep=False`` only measures the misfit. ``done_rows(a, b)`` is
+    told, every few MB, which output channels of ``weight`` have been read for the last time."""
     out_dtype = dtype or weight.dtype
     channels = weight.shape[0]
     flat = weight.detach().reshape(channels, -1)
@@ -174,9 +190,11 @@ def standardize_rounded(
     out = torch.empty(weight.shape, dtype=out_dtype) if keep else None
     out_flat = None if out is None else out.view(channels, -1)
     rows = max(1, min(channels, chunk_elems // max(n, 1)))
-    buf = torch.empty(rows, n, dtype=torch.float64)
-    rounded_buf = torch.empty(rows, n, dtype=out_dtype) if out is None and obs is not None else None
-    diff = torch.empty(rows, n, dtype=out_dtype) if obs is not None else None
+    buf = _scratch("wide", rows * n, torch.float64).view(rows, n)
+    rounded_buf = _scratch("rounded", rows * n, out_dtype).view(rows, n) if out is None and obs is not None else None
+    diff = _scratch("diff", rows * n, out_dtype).view(rows, n) if obs is not None else None
+    released = 0
+    release_every = max(rows, (8 << 20) // max(n * weight.element_size(), 1))
     denom_fn = _DENOMINATORS[formula.variant][1]
     factor = torch.full((channels,), formula.scale_const, dtype=torch.float64)
     if scale is not None:
@@ -206,6 +224,9 @@ def standardize_rounded(
             worst = max(worst, -float(low), float(high))
             low, high = target.aminmax()
             top = max(top, -float(low), float(high))
+        if done_rows is not None and (hi - released >= release_every or hi == channels):
+            done_rows(released, hi)
+            released = hi
     misfit = None if obs is None else (worst / top if top > 0 else math.inf)
     var_b = torch.cat(var_parts) if var_parts else torch.empty(0, dtype=torch.float64)
     return Rounded(out, misfit, var_b)

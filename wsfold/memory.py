@@ -45,19 +45,34 @@ def _file_mapping_of(address: int) -> tuple[int, int] | None:
     return None
 
 
+class FilePages:
+    """The whole pages of ``tensor``'s bytes, when they lie in a file mapping, to reclaim in parts or at once."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.begin = self.end = 0
+        self.row_bytes = 0
+        ok = sys.platform.startswith("linux") and tensor.device.type == "cpu" and tensor.is_contiguous()
+        if not ok or tensor.numel() == 0 or _madvise() is None:
+            return
+        begin = tensor.data_ptr()
+        end = begin + tensor.numel() * tensor.element_size()
+        mapping = _file_mapping_of(begin)
+        if mapping is not None and mapping[0] <= begin and end <= mapping[1]:
+            self.begin, self.end = begin, end
+            self.row_bytes = (end - begin) // max(tensor.shape[0], 1) if tensor.ndim else end - begin
+
+    def release(self, first_row: int = 0, last_row: int | None = None) -> bool:
+        """Reclaim the whole pages inside rows [first_row, last_row) (dim 0); True if any were."""
+        if self.end == 0:
+            return False
+        start = self.begin + first_row * self.row_bytes
+        stop = self.end if last_row is None else min(self.end, self.begin + last_row * self.row_bytes)
+        lo, hi = -(-start // _PAGE) * _PAGE, stop // _PAGE * _PAGE
+        if hi - lo < 16 * _PAGE:
+            return False
+        return _madvise()(lo, hi - lo, _MADV_PAGEOUT) == 0
+
+
 def release_pages(tensor: torch.Tensor) -> bool:
     """Reclaim the whole pages inside ``tensor``'s bytes when they belong to a file mapping; True if done."""
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return False
-    madvise = _madvise()
-    if madvise is None:
-        return False
-    begin = tensor.data_ptr()
-    end = begin + tensor.numel() * tensor.element_size()
-    lo, hi = -(-begin // _PAGE) * _PAGE, end // _PAGE * _PAGE
-    if hi - lo < 16 * _PAGE:
-        return False
-    mapping = _file_mapping_of(begin)
-    if mapping is None or not (mapping[0] <= lo and hi <= mapping[1]):
-        return False
-    return madvise(lo, hi - lo, _MADV_PAGEOUT) == 0
+    return FilePages(tensor).release()
