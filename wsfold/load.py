@@ -87,7 +87,7 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dic
         )
     try:
         # mmap: nothing is read until used, and baking hands each source weight's pages back (memory.py).
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
+        obj = _torch_load(path, weights_only=True, mmap=head.startswith(b"PK"))
         return obj, None
     except pickle.UnpicklingError as exc:
         text = str(exc)
@@ -105,12 +105,21 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dic
             f"{path} is truncated or corrupt ({str(exc).splitlines()[0]}).", "fetch the checkpoint again."
         ) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False), None
+        return _torch_load(path, weights_only=False, mmap=head.startswith(b"PK")), None
     except Exception as exc:  # noqa: BLE001 - unpickling arbitrary user objects can raise anything
         raise SourceError(
             f"{path} could not be unpickled ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).",
             "make the classes it was saved with importable (PYTHONPATH), or save a state dict and use --arch.",
         ) from None
+
+
+def _torch_load(path: Path, *, weights_only: bool, mmap: bool) -> Any:
+    """torch.load on CPU, memory-mapped only as a private (copy-on-write) mapping, so that nothing done to the
+    loaded tensors can reach the file; a process that set MAP_SHARED as torch's default gets a plain read."""
+    import mmap as _mmap
+
+    private = sys.platform != "win32" and torch.serialization.get_default_mmap_options() == _mmap.MAP_PRIVATE
+    return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap and private)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
