@@ -82,7 +82,9 @@ def test_dtype_dependent_eps_is_baked_at_the_models_dtype():
 
 
 def test_bake_does_not_mutate_its_input():
-    model = load_fixture("variants")
+    model = load_fixture("variants").train()
+    model[1].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     types = [type(m) for m in model.modules()]
     baked, _ = bake_model(model)
@@ -90,6 +92,9 @@ def test_bake_does_not_mutate_its_input():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert baked is not model
+    # Both keep their train/eval modes (layers are baked while the model is probed in eval mode).
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(m.training == modes[n.split(".")[0] if n not in modes else n] for n, m in baked.named_modules())
 
 
 def test_unsupported_layers_are_left_as_they_are():
