@@ -226,13 +226,18 @@ class _Recorder(TorchFunctionMode):
     def _stand_in(self, func, args, kwargs):
         # The op run on an empty batch checks every shape and gives the output's, at no cost.
         x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] == 0:
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        batched = isinstance(w, torch.Tensor) and (x.ndim >= 2 if w.ndim == 2 else x.ndim == w.ndim)
+        if not isinstance(x, torch.Tensor) or not batched or x.shape[0] == 0:
             return func(*args, **kwargs)
         empty = x[:0]
-        if args:
-            shaped = func(empty, *args[1:], **kwargs)
-        else:
-            shaped = func(*args, **{**kwargs, "input": empty})
+        try:
+            if args:
+                shaped = func(empty, *args[1:], **kwargs)
+            else:
+                shaped = func(*args, **{**kwargs, "input": empty})
+        except Exception:  # noqa: BLE001 - let the real op speak for itself
+            return func(*args, **kwargs)
         shape = (x.shape[0], *shaped.shape[1:])
         return torch.randn(shape, generator=self._gen).to(shaped.dtype)
 
@@ -542,8 +547,8 @@ class _Prober:
         if out is not call.output or call.args["input"] is not x:
             return None
         bias_param = next((k for k, t in own.items() if t is bias), None) if bias is not None else None
-        if bias_param != learned.bias_param:
-            return None
+        if bias_param != learned.bias_param or (bias is not None and bias_param is None):
+            return None  # a computed bias needs the second probe (does it depend on the input?)
         n = int(w0[0].numel())
         try:
             formula = replace(learned.formula, scale_const=const_value(learned.formula.scale_const_name, scalars, n))

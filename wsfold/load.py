@@ -119,7 +119,12 @@ def _torch_load(path: Path, *, weights_only: bool, mmap: bool) -> Any:
     import mmap as _mmap
 
     private = sys.platform != "win32" and torch.serialization.get_default_mmap_options() == _mmap.MAP_PRIVATE
-    return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap and private)
+    if mmap and private:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except (RuntimeError, ValueError, OSError):
+            pass  # a file torch cannot map (or a damaged one): a plain read decides
+    return torch.load(path, map_location="cpu", weights_only=weights_only)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
