@@ -277,7 +277,13 @@ def export_onnx(
     """Export ``model`` (already baked) to ``out``. ``external_data=None`` picks it automatically above ~1.8 GB."""
     import onnx
 
-    from .onnx_graph import audit_graph, dedupe_initializers, drop_unused_initializers, guard_pad_maxpool
+    from .onnx_graph import (
+        audit_graph,
+        dedupe_initializers,
+        drop_unused_initializers,
+        fold_constants,
+        guard_pad_maxpool,
+    )
 
     out = check_output(Path(out), force=force, source=source, suffixes=(".onnx",))
     if exporter not in EXPORTERS:
@@ -334,10 +340,8 @@ def export_onnx(
         proto = onnx.load(str(raw_path), load_external_data=True)
         if simplify and exporter == "torchscript":
             # The dynamo exporter already ran onnxscript's optimizer; the TorchScript one leaves constant
-            # subgraphs (pad construction, shape arithmetic) that it folds.
-            import onnxscript.optimizer
-
-            proto = onnxscript.optimizer.optimize(proto)
+            # subgraphs (pad construction, shape arithmetic).
+            proto = fold_constants(proto)
         deduped = dedupe_initializers(proto)
         guards = guard_pad_maxpool(proto)
         drop_unused_initializers(proto)

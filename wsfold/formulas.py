@@ -221,15 +221,30 @@ def standardize_rounded(
         if obs is not None:
             target = obs[lo:hi]
             low, high = torch.sub(rounded, target, out=diff[: hi - lo]).aminmax()
-            worst = max(worst, -float(low), float(high))
-            low, high = target.aminmax()
-            top = max(top, -float(low), float(high))
+            low_t, high_t = target.aminmax()
+            spread = (float(low), float(high), float(low_t), float(high_t))
+            if not all(math.isfinite(v) for v in spread):
+                spread = _nonfinite_spread(rounded, target)
+            worst = max(worst, -spread[0], spread[1])
+            top = max(top, -spread[2], spread[3])
         if done_rows is not None and (hi - released >= release_every or hi == channels):
             done_rows(released, hi)
             released = hi
     misfit = None if obs is None else (worst / top if top > 0 else math.inf)
     var_b = torch.cat(var_parts) if var_parts else torch.empty(0, dtype=torch.float64)
     return Rounded(out, misfit, var_b)
+
+
+def _nonfinite_spread(rounded: torch.Tensor, target: torch.Tensor) -> tuple[float, float, float, float]:
+    """(min, max) of rounded - target and of target where NaN/inf appear: the same non-finite values in the
+    same places agree (a dead filter with eps 0 is NaN on both sides); anywhere else they are an infinite misfit."""
+    same = (rounded == target) | (rounded.isnan() & target.isnan())
+    if not bool((same | (rounded.isfinite() & target.isfinite())).all()):
+        return (-math.inf, math.inf, 0.0, 0.0)
+    both = rounded.isfinite() & target.isfinite()
+    d = torch.where(both, rounded - target, 0.0)
+    t = torch.where(both, target, 0.0)
+    return (float(d.min()), float(d.max()), float(t.min()), float(t.max()))
 
 
 def const_value(name: str | None, scalars: dict[str, float], n: int) -> float:

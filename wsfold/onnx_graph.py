@@ -190,3 +190,32 @@ def drop_unused_initializers(model: onnx.ModelProto) -> int:
 
 def count_ops(model: onnx.ModelProto, op_type: str) -> int:
     return sum(1 for node in _all_nodes(model.graph) if node.op_type == op_type)
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold the TorchScript exporter's constant subgraphs (pad construction, shape arithmetic) with onnxscript's
+    constant folder, drop dead nodes, and lift the resulting Constant nodes into initializers.
+
+    onnxscript.optimizer.optimize would also run its pattern rewriter: on ResNetV2-50 that costs ~1.2 s of a
+    ~4 s export and removes one node more, so it is left out."""
+    import onnxscript.optimizer
+    from onnxscript import ir
+
+    graph = ir.serde.deserialize_model(model)
+    onnxscript.optimizer.fold_constants(graph)
+    onnxscript.optimizer.remove_unused_nodes(graph)
+    model = ir.serde.serialize_model(graph)
+    kept = []
+    for node in model.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        lift = value is not None and value.type == onnx.AttributeProto.TENSOR and len(node.attribute) == 1
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and lift:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
