@@ -156,7 +156,7 @@ def test_streaming_bake_hands_back_source_pages_and_leaves_the_source_intact(tmp
 
     import models
 
-    from wsfold.memory import release_pages
+    from wsfold.memory import FilePages
 
     src = tmp_path / "m.pt"
     torch.manual_seed(0)
@@ -165,8 +165,8 @@ def test_streaming_bake_hands_back_source_pages_and_leaves_the_source_intact(tmp
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     sd = torch.load(src, mmap=True, weights_only=True)
     before = sd["0.weight"].clone()
-    assert release_pages(sd["0.weight"]) and torch.equal(sd["0.weight"], before)
-    assert not release_pages(before)  # anonymous memory is left alone
+    assert FilePages(sd["0.weight"]).release() and torch.equal(sd["0.weight"], before)
+    assert not FilePages(before).release()  # anonymous memory is left alone
 
     loaded = models.StdConv2d(64, 128, 3, padding=1), models.StdConv2d(128, 64, 3, padding=1)
     original = torch.nn.Sequential(*loaded)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .detect import DerivedLayer, Detection, _as_tuple, _own_tensors, detect_layers, op_kind
 from .formulas import standardize_rounded
-from .memory import release_pages
+from .memory import FilePages
 from .modules import SamePad
 
 _CONV = {
@@ -63,8 +63,10 @@ def derived_weight(module: nn.Module, layer: DerivedLayer) -> tuple[torch.Tensor
     if layer.exact_weight is not None:
         return layer.exact_weight, bias
     scale, shift = layer.formula.affine_tensors(own)
-    weight = standardize_rounded(own[layer.source_param], layer.formula, scale, shift, dtype=layer.dtype).weight
-    return weight, bias
+    raw = own[layer.source_param]
+    # As in detection's own pass: a memory-mapped source weight's pages go back once read (the layer is replaced).
+    rounded = standardize_rounded(raw, layer.formula, scale, shift, dtype=layer.dtype, done_rows=FilePages(raw).release)
+    return rounded.weight, bias
 
 
 def build_plain(module: nn.Module, layer: DerivedLayer) -> tuple[nn.Module, str]:
@@ -180,7 +182,6 @@ class _Baking:
         if not self.inplace and layer.name:
             self.model = _copy_path(self.model, layer.name, self.copied)
         module = self.model.get_submodule(layer.name) if layer.name else self.model
-        source = _own_tensors(module).get(layer.source_param)
         new, prefix = build_plain(module, layer)
         new.train(module.training)
         self.model = _set_submodule(self.model, layer.name, new)
@@ -193,8 +194,6 @@ class _Baking:
                 type(new).__name__,
             )
         )
-        if source is not None and layer.formula is not None:
-            release_pages(source)  # a memory-mapped source weight is not needed again
 
 
 def _copy_path(model: nn.Module, name: str, copied: dict[str, nn.Module]) -> nn.Module:

@@ -71,8 +71,3 @@ class FilePages:
         if hi - lo < 16 * _PAGE:
             return False
         return _madvise()(lo, hi - lo, _MADV_PAGEOUT) == 0
-
-
-def release_pages(tensor: torch.Tensor) -> bool:
-    """Reclaim the whole pages inside ``tensor``'s bytes when they belong to a file mapping; True if done."""
-    return FilePages(tensor).release()
