@@ -285,7 +285,7 @@ def export(
         bool, typer.Option("--external-data", help="Store weights in OUT.onnx.data (automatic above 1.8 GB).")
     ] = False,
     no_simplify: Annotated[
-        bool, typer.Option("--no-simplify", help="Skip onnxscript's optimizer on the TorchScript export.")
+        bool, typer.Option("--no-simplify", help="Skip constant folding of the TorchScript export.")
     ] = False,
     no_fold: NoFold = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the ONNX file if it exists.")] = False,
