@@ -9,7 +9,7 @@ from conftest import CATALOG, OUT_TOL, ROOT, fixture_input, load_fixture, rel_er
 from torch.overrides import TorchFunctionMode
 
 from wsfold.bake import bake_model
-from wsfold.detect import OPS
+from wsfold.probe import OPS
 
 
 class _CaptureWeights(TorchFunctionMode):

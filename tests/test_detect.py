@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import CATALOG, load_fixture
 
-from wsfold.detect import detect_layers, tf_same_pad
+from wsfold.detect import detect_layers
+from wsfold.modules import tf_same_pad
 from wsfold.formulas import Formula, identify_formula, standardize
 
 

@@ -24,10 +24,10 @@ def test_fold_matches_unfolded_baked_model_and_reports_each_decision(name):
     baked, _ = bake_model(load_fixture(name))
     before = {k: v.clone() for k, v in baked.state_dict().items()}
     folded, report = fold_model(baked)
-    assert [(f["norm"], f["into"], f["kind"]) for f in report.folded] == CATALOG[name]["folded"]
-    refused = {entry["name"] for entry in report.not_folded}
+    assert [(f.norm, f.into, f.kind) for f in report.folded] == CATALOG[name]["folded"]
+    refused = {entry.name for entry in report.not_folded}
     assert refused == CATALOG[name]["not_folded"] | {n for n, _, k in CATALOG[name]["folded"] if k.endswith("affine")}
-    assert all(entry["reason"] for entry in report.not_folded)
+    assert all(entry.reason for entry in report.not_folded)
     if CATALOG[name].get("fold_skipped"):
         assert CATALOG[name]["fold_skipped"] in report.skipped
     for seed in range(3):
@@ -42,7 +42,7 @@ def test_refusals_say_why():
     reasons = {}
     for name in ("ws_bn", "gn_convs", "bn_skip"):
         _, report = fold_model(bake_model(load_fixture(name))[0])
-        reasons.update({(name, e["name"]): e["reason"] for e in report.not_folded})
+        reasons.update({(name, e.name): e.reason for e in report.not_folded})
     assert "not the output of a conv" in reasons[("ws_bn", "3")]
     assert "4 (ReLU) stands between it and the next conv" in reasons[("gn_convs", "3")]
     assert "zero-pads and beta is not zero" in reasons[("gn_convs", "6")]
@@ -54,11 +54,11 @@ def test_bn_in_training_mode_or_without_running_stats_is_not_folded():
     conv = torch.nn.Conv2d(3, 4, 3)
     model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4, track_running_stats=False)).eval()
     _, report = fold_model(model)
-    assert report.folded == [] and "track_running_stats=False" in report.not_folded[0]["reason"]
+    assert report.folded == [] and "track_running_stats=False" in report.not_folded[0].reason
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     model[1].train()
     _, report = fold_model(model)
-    assert report.folded == [] and "training mode" in report.not_folded[0]["reason"]
+    assert report.folded == [] and "training mode" in report.not_folded[0].reason
 
 
 def test_untraceable_model_is_still_baked_and_says_folding_was_skipped(tmp_path):

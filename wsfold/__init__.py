@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
 # Public name -> module that defines it. Imported lazily so that `wsfold --help` and `import wsfold` stay fast.
 _API = {
+    "prepare": "pipeline",
+    "Prepared": "pipeline",
     "load_model": "load",
     "detect_layers": "detect",
+    "iter_layers": "detect",
     "bake_model": "bake",
     "fold_model": "fold",
     "save_baked": "save",
@@ -17,7 +21,31 @@ _API = {
     "verify_onnx": "verify",
     "WsfoldError": "errors",
 }
-__all__ = ["__version__", *_API]
+__all__ = [
+    "__version__",
+    "prepare",
+    "Prepared",
+    "load_model",
+    "detect_layers",
+    "iter_layers",
+    "bake_model",
+    "fold_model",
+    "save_baked",
+    "export_onnx",
+    "verify_onnx",
+    "WsfoldError",
+]
+
+if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs
+    from .bake import bake_model
+    from .detect import detect_layers, iter_layers
+    from .errors import WsfoldError
+    from .export import export_onnx
+    from .fold import fold_model
+    from .load import load_model
+    from .pipeline import Prepared, prepare
+    from .save import save_baked
+    from .verify import verify_onnx
 
 
 def __getattr__(name: str):

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .detect import DerivedLayer, Detection, _as_tuple, _own_tensors, detect_layers, op_kind
+from .detect import DerivedLayer, Detection, add_finding, iter_layers
+from .errors import WsfoldError
 from .formulas import standardize_rounded
 from .memory import FilePages
+from .modeltree import copy_path, set_submodule
 from .modules import SamePad
+from .probe import as_tuple, op_kind, own_tensors
 
 _CONV = {
     "conv1d": nn.Conv1d,
@@ -50,18 +52,23 @@ class BakedLayer:
 
 @dataclass
 class BakeReport:
+    """What bake_model did: the detection it worked from and each layer it replaced."""
+
     detection: Detection
     baked: list[BakedLayer] = field(default_factory=list)
 
 
-def derived_weight(module: nn.Module, layer: DerivedLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's weight and bias as the op receives them: the formula in float64 rounded once, else as observed."""
-    own = _own_tensors(module)
+def derived_weight(
+    module: nn.Module, layer: DerivedLayer, exact: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight and bias as the op receives them: the formula in float64 rounded once (``exact`` when
+    detection already computed it), else as observed."""
+    own = own_tensors(module)
     bias = own.get(layer.bias_is_param) if layer.bias_is_param else layer.observed_bias
     if layer.formula is None:
         return layer.observed_weight, bias
-    if layer.exact_weight is not None:
-        return layer.exact_weight, bias
+    if exact is not None:
+        return exact, bias
     scale, shift = layer.formula.affine_tensors(own)
     raw = own[layer.source_param]
     # As in detection's own pass: a memory-mapped source weight's pages go back once read (the layer is replaced).
@@ -69,48 +76,57 @@ def derived_weight(module: nn.Module, layer: DerivedLayer) -> tuple[torch.Tensor
     return rounded.weight, bias
 
 
-def build_plain(module: nn.Module, layer: DerivedLayer) -> tuple[nn.Module, str]:
-    """The plain module (with an explicit pad in front where needed) and the key prefix of its conv/linear."""
-    weight, bias = derived_weight(module, layer)
+def _plain_op(layer: DerivedLayer, weight: torch.Tensor, has_bias: bool) -> nn.Module:
+    """The torch.nn conv/linear of the layer's geometry, on the meta device (its tensors are assigned after)."""
     g = layer.geometry
     kind = op_kind(layer.op)
     with torch.device("meta"):
         if kind == "linear":
-            op = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+            return nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
+        groups = g["groups"]
+        if kind == "conv":
+            in_ch, out_ch, extra = weight.shape[1] * groups, weight.shape[0], {}
         else:
-            groups = g["groups"]
-            if kind == "conv":
-                in_ch, out_ch = weight.shape[1] * groups, weight.shape[0]
-                extra = {}
-            else:
-                in_ch, out_ch = weight.shape[0], weight.shape[1] * groups
-                extra = {"output_padding": g["output_padding"]}
-            op = _CONV[layer.op](
-                in_ch,
-                out_ch,
-                tuple(weight.shape[2:]),
-                stride=g["stride"],
-                padding=g["padding"],
-                dilation=g["dilation"],
-                groups=groups,
-                bias=bias is not None,
-                **extra,
-            )
+            in_ch, out_ch = weight.shape[0], weight.shape[1] * groups
+            extra = {"output_padding": g["output_padding"]}
+        return _CONV[layer.op](
+            in_ch,
+            out_ch,
+            tuple(weight.shape[2:]),
+            stride=g["stride"],
+            padding=g["padding"],
+            dilation=g["dilation"],
+            groups=groups,
+            bias=has_bias,
+            **extra,
+        )
+
+
+def build_plain(module: nn.Module, layer: DerivedLayer, exact: torch.Tensor | None = None) -> tuple[nn.Module, str]:
+    """The plain module (with an explicit pad in front where needed) and the key prefix of its conv/linear."""
+    weight, bias = derived_weight(module, layer, exact)
+    op = _plain_op(layer, weight, bias is not None)
     # A recomputed weight is fresh; an observed one is still held by the detection record.
     op.weight = nn.Parameter(weight if layer.formula is not None else weight.detach().clone(), requires_grad=False)
     if bias is not None:
         op.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
-    pad = layer.pad
+    return _with_padding(op, layer)
+
+
+def _with_padding(op: nn.Module, layer: DerivedLayer) -> tuple[nn.Module, str]:
+    """``op`` with the layer's own padding: folded into the conv's padding where torch.nn can express it, else
+    an explicit pad module in front (SamePad for TF-SAME padding that depends on the input size)."""
+    pad, g = layer.pad, layer.geometry
     if pad is None:
         return op, ""
-    nd = weight.ndim - 2
+    nd = op.weight.ndim - 2
     if pad.same_dynamic:
-        return nn.Sequential(
-            SamePad(tuple(weight.shape[2:]), _as_tuple(g["stride"], nd), _as_tuple(g["dilation"], nd), pad.value), op
-        ), "1."
+        padder = SamePad(tuple(op.weight.shape[2:]), as_tuple(g["stride"], nd), as_tuple(g["dilation"], nd), pad.value)
+        return nn.Sequential(padder, op), "1."
     pairs = [pad.pad[i : i + 2] for i in range(0, len(pad.pad), 2)]
     symmetric = all(a == b for a, b in pairs) and len(pairs) == nd and isinstance(g["padding"], (int, tuple))
-    conv_padding = _as_tuple(g["padding"], nd) if kind == "conv" and not isinstance(g["padding"], str) else None
+    is_conv = op_kind(layer.op) == "conv"
+    conv_padding = as_tuple(g["padding"], nd) if is_conv and not isinstance(g["padding"], str) else None
     if symmetric and conv_padding is not None and (pad.mode != "constant" or pad.value == 0.0):
         if pad.mode == "constant" or all(p == 0 for p in conv_padding):
             op.padding = tuple(p + a for p, (a, _) in zip(conv_padding, reversed(pairs)))
@@ -119,20 +135,9 @@ def build_plain(module: nn.Module, layer: DerivedLayer) -> tuple[nn.Module, str]
             return op, ""
     cls = _PAD.get((pad.mode, nd)) if len(pairs) == nd else None
     if cls is None:
-        from .errors import WsfoldError
-
         raise WsfoldError(f"layer {layer.name}: cannot express padding {pad} with torch.nn modules")
     padder = cls(pad.pad, pad.value) if pad.mode == "constant" else cls(pad.pad)
     return nn.Sequential(padder, op), "1."
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if name == "":
-        return new
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)
-    return model
 
 
 def bake_model(
@@ -143,32 +148,39 @@ def bake_model(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, BakeReport]:
     """Return ``model`` with every detected derived-weight layer replaced by a plain op; the input is untouched
-    unless ``inplace``. Unsupported layers stay as they are and are listed in the report.
+    unless ``inplace`` (untouched submodules and tensors are shared with it). Unsupported layers stay as they
+    are and are listed in the report.
 
     Without a ``detection``, each layer is baked as soon as it is found, from the weight its detection already
     computed, so a large model is never held twice and no weight is standardized twice. ``progress`` then
     counts the modules probed, else the layers baked."""
     baking = _Baking(model, inplace)
-    if detection is None:
-        flags = {n: m.training for n, m in model.named_modules()}
-        detection = detect_layers(model, progress, on_layer=baking.bake)
-        # Layers were replaced while the model was in eval mode for probing: give each module its own mode
-        # back, and a replacement (and its children) the mode of the layer it replaced.
-        modes: dict[str, bool] = {}
-        for name, m in baking.model.named_modules():
-            modes[name] = flags.get(name, modes.get(name.rpartition(".")[0], m.training))
-            m.training = modes[name]
-    else:
+    if detection is not None:
         for i, layer in enumerate(detection.layers):
             baking.bake(layer)
             if progress:
                 progress(i + 1, len(detection.layers))
+        return baking.model, BakeReport(detection, baking.baked)
+    flags = {n: m.training for n, m in model.named_modules()}
+    detection = Detection([], [], [])
+    for found in iter_layers(model, exact_weights=True, progress=progress):
+        add_finding(detection, found.result)
+        if isinstance(found.result, DerivedLayer):
+            baking.bake(found.result, found.weight)
+        del found
+    # Layers were replaced (and paths copied) while the model was in eval mode for probing: give each module
+    # its own mode back, and a replacement (and its children) the mode of the layer it replaced.
+    modes: dict[str, bool] = {}
+    for name, m in baking.model.named_modules():
+        modes[name] = flags.get(name, modes.get(name.rpartition(".")[0], m.training))
+        m.training = modes[name]
     return baking.model, BakeReport(detection, baking.baked)
 
 
 class _Baking:
     """Replaces layers one at a time. Unless ``inplace``, the module objects on the path to a replaced layer are
-    copied first (so the input model is not reached); all tensors and untouched modules are shared."""
+    copied first (so the input model is not reached); all tensors and untouched modules are shared. Each
+    replacement takes the train/eval mode of the layer it replaces."""
 
     def __init__(self, model: nn.Module, inplace: bool) -> None:
         self.model = model
@@ -176,51 +188,17 @@ class _Baking:
         self.copied: dict[str, nn.Module] = {}
         self.baked: list[BakedLayer] = []
 
-    def bake(self, layer: DerivedLayer) -> None:
+    def bake(self, layer: DerivedLayer, exact: torch.Tensor | None = None) -> None:
         if any(layer.name.startswith(b.layer.name + ".") or b.layer.name == "" for b in self.baked):
             return  # inside a layer already replaced
         if not self.inplace and layer.name:
-            self.model = _copy_path(self.model, layer.name, self.copied)
+            self.model = copy_path(self.model, layer.name, self.copied)
         module = self.model.get_submodule(layer.name) if layer.name else self.model
-        new, prefix = build_plain(module, layer)
+        new, prefix = build_plain(module, layer, exact)
         new.train(module.training)
-        self.model = _set_submodule(self.model, layer.name, new)
+        self.model = set_submodule(self.model, layer.name, new)
         base = f"{layer.name}." if layer.name else ""
+        has_bias = new.state_dict().get(f"{prefix}bias") is not None
         self.baked.append(
-            BakedLayer(
-                layer,
-                f"{base}{prefix}weight",
-                f"{base}{prefix}bias" if new.state_dict().get(f"{prefix}bias") is not None else None,
-                type(new).__name__,
-            )
+            BakedLayer(layer, f"{base}{prefix}weight", f"{base}{prefix}bias" if has_bias else None, type(new).__name__)
         )
-
-
-def _copy_path(model: nn.Module, name: str, copied: dict[str, nn.Module]) -> nn.Module:
-    """Copy (once, recorded in ``copied``) the root and every module above ``name``, so that setting ``name``
-    does not reach the original tree; returns the copied root. Tensors and other modules stay shared."""
-    if "" not in copied:
-        root = copy.copy(model)
-        root._modules = dict(model._modules)
-        copied[""] = root
-    parts = name.split(".")
-    for depth in range(1, len(parts)):
-        path = ".".join(parts[:depth])
-        if path in copied:
-            continue
-        parent = copied[".".join(parts[: depth - 1])]
-        clone = copy.copy(parent._modules[parts[depth - 1]])
-        clone._modules = dict(clone._modules)
-        parent._modules[parts[depth - 1]] = clone
-        copied[path] = clone
-    return copied[""]
-
-
-def _shallow_copy_tree(model: nn.Module, replaced: set[str]) -> nn.Module:
-    """The tree copied on the paths to every replaced layer (see _copy_path)."""
-    if "" in replaced:
-        return model
-    copied: dict[str, nn.Module] = {}
-    for name in sorted(replaced):
-        _copy_path(model, name, copied)
-    return copied.get("", model)

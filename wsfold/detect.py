@@ -1,26 +1,24 @@
 """Find layers whose convolution or linear op receives a derived weight, by running each layer alone.
 
-Detection observes behaviour: each candidate module is called on small probe inputs at its own dtype while a
-TorchFunctionMode records the weight, bias and geometry handed to conv*/conv_transpose*/linear and any F.pad
-applied first. A class name only gives the layer a friendly name in the report.
+Detection observes behaviour: each candidate module is called on small probe inputs at its own dtype (probe.py)
+while the weight, bias and geometry handed to conv*/conv_transpose*/linear and any F.pad applied first are
+recorded. A class name only gives the layer a friendly name in the report.
 """
 
 from __future__ import annotations
 
 import inspect as _inspect
-import math
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from .errors import first_line
 from .formulas import (
     Formula,
+    Rounded,
     channel_subset,
     const_value,
     designed_weights,
@@ -29,22 +27,10 @@ from .formulas import (
     tolerance,
 )
 from .memory import FilePages
+from .modeltree import eval_mode
+from .modules import tf_same_pad
+from .probe import OpCall, ProbeRun, TensorSet, as_tuple, own_tensors, probe_shapes, run_probe
 
-OPS: dict[str, Callable] = {
-    "conv1d": F.conv1d,
-    "conv2d": F.conv2d,
-    "conv3d": F.conv3d,
-    "conv_transpose1d": F.conv_transpose1d,
-    "conv_transpose2d": F.conv_transpose2d,
-    "conv_transpose3d": F.conv_transpose3d,
-    "linear": F.linear,
-}
-_SIGNATURES = {
-    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-    "conv_transpose": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
-    "linear": ("input", "weight", "bias"),
-    "pad": ("input", "pad", "mode", "value"),
-}
 # Exact types known to hand their own Parameter to the op; subclasses are still probed.
 _PLAIN_TYPES = (
     nn.Conv1d,
@@ -86,17 +72,6 @@ KNOWN_CLASSES = {
 }
 
 
-def op_kind(op: str) -> str:
-    return "linear" if op == "linear" else ("conv_transpose" if op.startswith("conv_transpose") else "conv")
-
-
-@dataclass
-class OpCall:
-    op: str
-    args: dict[str, Any]
-    output: torch.Tensor
-
-
 @dataclass
 class PadSpec:
     """Padding applied in forward before the op: a static F.pad, or TF-SAME padding computed from the input size."""
@@ -128,8 +103,6 @@ class DerivedLayer:
     # Kept only when no formula was identified: the baked weight is then the observed one.
     observed_weight: torch.Tensor | None = field(default=None, repr=False)
     observed_bias: torch.Tensor | None = field(default=None, repr=False)
-    # The formula's weight rounded once, held only while detect_layers hands the layer to ``on_layer``.
-    exact_weight: torch.Tensor | None = field(default=None, repr=False)
     # The layer whose full probes established this one's formula (None: probed fully itself).
     probed_as: str | None = None
 
@@ -198,59 +171,12 @@ class Detection:
         }
 
 
-class _Recorder(TorchFunctionMode):
-    """Records conv/linear/pad calls made directly by the probed module (not by descendants with parameters).
+class Finding(NamedTuple):
+    """One candidate module's verdict, as iter_layers hands it over. ``weight`` is the layer's exact weight (its
+    formula in float64, rounded once), present only when asked for and a formula was identified."""
 
-    A recorded conv/linear is not computed: its output is a stand-in of the right shape (the op run on an empty
-    batch) filled with random numbers, so that probing costs what the layer's own weight code costs and no
-    convolution over a wide layer. Random values keep "the module returns the op's output" checkable."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[OpCall] = []
-        self.depth = 0
-        self._gen = torch.Generator().manual_seed(1234)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        recorded = self.depth == 0 and (name in OPS or name == "pad")
-        out = self._stand_in(func, args, kwargs) if recorded and name in OPS else func(*args, **kwargs)
-        if recorded:
-            names = _SIGNATURES["pad" if name == "pad" else op_kind(name)]
-            bound = dict(zip(names, args))
-            bound.update(kwargs)
-            self.calls.append(OpCall(name, bound, out))
-        return out
-
-    def _stand_in(self, func, args, kwargs):
-        # The op run on an empty batch checks every shape and gives the output's, at no cost.
-        x = args[0] if args else kwargs.get("input")
-        w = args[1] if len(args) > 1 else kwargs.get("weight")
-        batched = isinstance(w, torch.Tensor) and (x.ndim >= 2 if w.ndim == 2 else x.ndim == w.ndim)
-        if not isinstance(x, torch.Tensor) or not batched or x.shape[0] == 0:
-            return func(*args, **kwargs)
-        empty = x[:0]
-        try:
-            if args:
-                shaped = func(empty, *args[1:], **kwargs)
-            else:
-                shaped = func(*args, **{**kwargs, "input": empty})
-        except Exception:  # noqa: BLE001 - let the real op speak for itself
-            return func(*args, **kwargs)
-        shape = (x.shape[0], *shaped.shape[1:])
-        return torch.randn(shape, generator=self._gen).to(shaped.dtype)
-
-
-def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = dict(module.named_parameters(recurse=False))
-    tensors.update(module.named_buffers(recurse=False))
-    plist = getattr(module, "parametrizations", None)
-    if plist is not None:
-        for pname, entry in plist.items():
-            for sub, t in entry.named_parameters(recurse=False):
-                tensors[f"parametrizations.{pname}.{sub}"] = t
-    return {k: v for k, v in tensors.items() if v is not None}
+    result: DerivedLayer | SkippedLayer
+    weight: torch.Tensor | None = None
 
 
 def _is_candidate(module: nn.Module) -> bool:
@@ -260,95 +186,9 @@ def _is_candidate(module: nn.Module) -> bool:
         return False
     if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
         return True
-    own = [t for t in _own_tensors(module).values() if t.is_floating_point() and t.ndim >= 2]
+    own = [t for t in own_tensors(module).values() if t.is_floating_point() and t.ndim >= 2]
     has_param_children = any(any(True for _ in c.parameters()) for c in module.children())
     return bool(own) and not has_param_children
-
-
-def _probe_shapes(module: nn.Module, weight: torch.Tensor) -> list[list[tuple[int, ...]]]:
-    """Input shapes to try, as pairs of two different sizes, most plausible first."""
-    if hasattr(module, "in_features"):
-        return [[(2, module.in_features), (3, module.in_features)]]
-    nd = weight.ndim - 2
-    if nd <= 0:
-        return [[(2, weight.shape[-1]), (3, weight.shape[-1])]] if weight.ndim == 2 else []
-    ks = list(weight.shape[2:])
-    stride = _as_tuple(getattr(module, "stride", 1), nd)
-    dilation = _as_tuple(getattr(module, "dilation", 1), nd)
-    # Small spatial sizes keep the probe convolutions cheap on wide layers; two sizes of different parity
-    # reveal padding that depends on the input size.
-    sizes = [max(4, (k - 1) * d + 1 + s) for k, d, s in zip(ks, dilation, stride)]
-    channels = []
-    if isinstance(getattr(module, "in_channels", None), int):
-        channels.append(module.in_channels)
-    groups = getattr(module, "groups", 1) if isinstance(getattr(module, "groups", 1), int) else 1
-    channels += [weight.shape[1] * groups, weight.shape[0], weight.shape[1]]
-    shapes = []
-    for c in dict.fromkeys(channels):
-        shapes.append([(1, c, *sizes), (2, c, *[s + 1 for s in sizes])])
-    return shapes
-
-
-def _as_tuple(value: Any, n: int) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    try:
-        t = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        return (1,) * n
-    return t if len(t) == n else (t[0],) * n
-
-
-def _run_probe(
-    module: nn.Module,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    seed: int,
-    overrides: dict[str, torch.Tensor] | None = None,
-) -> tuple[Any, _Recorder, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
-    recorder = _Recorder()
-    hooks = []
-    for sub in module.modules():
-        if sub is module or isinstance(sub, torch.nn.utils.parametrize.ParametrizationList):
-            continue
-        if any(True for _ in sub.parameters(recurse=False)):
-            hooks.append(sub.register_forward_pre_hook(lambda *_: setattr(recorder, "depth", recorder.depth + 1)))
-            hooks.append(sub.register_forward_hook(lambda *_: setattr(recorder, "depth", recorder.depth - 1)))
-    try:
-        with torch.no_grad(), recorder:
-            out = torch.func.functional_call(module, overrides, (x,)) if overrides else module(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, recorder, x
-
-
-def tf_same_pad(
-    size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
-) -> tuple[int, ...]:
-    """TF "SAME" padding in F.pad order (last spatial dim first)."""
-    pads: list[int] = []
-    for n, k, s, d in zip(reversed(size), reversed(kernel), reversed(stride), reversed(dilation)):
-        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        pads += [total // 2, total - total // 2]
-    return tuple(pads)
-
-
-def _static(value: Any) -> Any:
-    if isinstance(value, torch.Size):
-        return tuple(value)
-    if isinstance(value, list):
-        return tuple(value)
-    return value
-
-
-def _geometry(call: OpCall) -> dict[str, Any]:
-    kind = op_kind(call.op)
-    names = _SIGNATURES[kind][3:]
-    defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
-    return {k: _static(call.args.get(k, defaults[k])) for k in names}
 
 
 class _WeightDigest:
@@ -370,99 +210,87 @@ class _WeightDigest:
         return self.shape == other.shape and torch.equal(self.subset, other.subset) and self.sums == other.sums
 
 
-class _Tensors:
-    """The model's parameters and buffers, by identity, without keeping them alive: a layer baked on the way
-    frees its tensors, and a fresh tensor at a recycled address must not pass for one of them."""
-
-    def __init__(self, model: nn.Module) -> None:
-        tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
-        tensors += [t for _, t in model.named_buffers(remove_duplicate=False) if t is not None]
-        self._by_id = weakref.WeakValueDictionary({id(t): t for t in tensors})
-
-    def __contains__(self, tensor: object) -> bool:
-        return self._by_id.get(id(tensor)) is tensor
-
-
-def _digest_derived(rec: _Recorder, param_ids: _Tensors, keep: bool = False) -> None:
-    for call in rec.calls:
+def _digest_derived(run: ProbeRun, params: TensorSet, keep: bool = False) -> None:
+    """Replace each derived weight the run recorded by its digest (the whole tensor kept only with ``keep``)."""
+    for call in run.ops:
         w = call.args.get("weight")
-        if call.op in OPS and isinstance(w, torch.Tensor) and w not in param_ids:
+        if isinstance(w, torch.Tensor) and w not in params:
             call.args["weight"] = _WeightDigest(w, keep)
 
 
 def _derived_weight_of(
-    module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, param_ids: _Tensors, overrides=None
+    module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, params: TensorSet, overrides=None
 ) -> torch.Tensor | None:
     """The derived weight the module hands to its op on one probe (with ``overrides`` substituted)."""
-    _, rec, _ = _run_probe(module, shape, dtype, 0, overrides)
-    calls = [c for c in rec.calls if c.op in OPS and c.args["weight"] not in param_ids]
+    calls = [c for c in run_probe(module, shape, dtype, 0, overrides).ops if c.args["weight"] not in params]
     return calls[0].args["weight"] if len(calls) == 1 else None
 
 
-def _observe_runs(name: str, type_name: str, runs, param_ids: _Tensors):
-    """From two probe runs at different input sizes: the single derived-weight op call (of the first run) and
-    its padding, or a SkippedLayer saying why the module is not [pad] + one op, or None if nothing is derived."""
-    derived_runs = []
-    for shape, out, rec, x in runs:
-        ops = [c for c in rec.calls if c.op in OPS]
-        derived = [c for c in ops if isinstance(c.args["weight"], _WeightDigest)]
-        derived_runs.append((shape, out, rec, x, ops, derived))
-    first = derived_runs[0]
-    if not first[5]:
+def _derived_calls(run: ProbeRun) -> list[OpCall]:
+    return [c for c in run.ops if isinstance(c.args["weight"], _WeightDigest)]
+
+
+def _observe_runs(
+    name: str, type_name: str, runs: list[ProbeRun]
+) -> tuple[OpCall, PadSpec | None] | SkippedLayer | None:
+    """From two probe runs at different input sizes (derived weights digested): the single derived-weight op call
+    (of the first run) and its padding, a SkippedLayer saying why the module is not [pad] + one op, or None if
+    nothing is derived."""
+    derived = [_derived_calls(run) for run in runs]
+    if not derived[0]:
         return None
-    if any(len(r[5]) != len(first[5]) for r in derived_runs):
-        return SkippedLayer(name, type_name, "calls a different number of ops for different inputs")
-    if len(first[4]) > 1:
-        ops_list = ", ".join(c.op for c in first[4])
-        return SkippedLayer(
-            name, type_name, f"calls {len(first[4])} ops ({ops_list}) with derived weights; it is not one plain op"
-        )
-    call = first[5][0]
-    for r in derived_runs[1:]:
-        other = r[5][0]
+
+    def skip(reason: str) -> SkippedLayer:
+        return SkippedLayer(name, type_name, reason)
+
+    if any(len(d) != len(derived[0]) for d in derived):
+        return skip("calls a different number of ops for different inputs")
+    if len(runs[0].ops) > 1:
+        ops_list = ", ".join(c.op for c in runs[0].ops)
+        return skip(f"calls {len(runs[0].ops)} ops ({ops_list}) with derived weights; it is not one plain op")
+    call = derived[0][0]
+    for other in (d[0] for d in derived[1:]):
         if not other.args["weight"].same_as(call.args["weight"]):
-            return SkippedLayer(name, type_name, "its weight depends on the input; it cannot become a constant")
+            return skip("its weight depends on the input; it cannot become a constant")
         b_a, b_b = call.args.get("bias"), other.args.get("bias")
         if (b_a is None) != (b_b is None) or (b_a is not None and not torch.equal(b_a, b_b)):
-            return SkippedLayer(name, type_name, "its bias depends on the input; it cannot become a constant")
-        if _geometry(other) != _geometry(call):
-            return SkippedLayer(name, type_name, "its stride/padding/groups change with the input size")
+            return skip("its bias depends on the input; it cannot become a constant")
+        if other.geometry() != call.geometry():
+            return skip("its stride/padding/groups change with the input size")
 
     # The module must be nothing but [pad] + op: its output is the op's output, the op's input is the
     # module's input (directly or through one F.pad of it).
     pads_per_run = []
-    for shape, out, rec, x, _ops, derived in derived_runs:
-        c = derived[0]
+    for run, calls in zip(runs, derived):
+        c, out = calls[0], run.output
         if out is not c.output and not (
             isinstance(out, torch.Tensor) and out.shape == c.output.shape and torch.equal(out, c.output)
         ):
-            return SkippedLayer(name, type_name, "does more than one op (its output is not the op's output)")
+            return skip("does more than one op (its output is not the op's output)")
         inp = c.args["input"]
-        if inp is x:
+        if inp is run.input:
             pads_per_run.append(None)
             continue
-        pad_calls = [p for p in rec.calls if p.op == "pad" and p.output is inp]
-        if not pad_calls or pad_calls[0].args["input"] is not x:
-            return SkippedLayer(name, type_name, "transforms its input before the op in a way other than padding")
+        pad_calls = [p for p in run.calls if p.op == "pad" and p.output is inp]
+        if not pad_calls or pad_calls[0].args["input"] is not run.input:
+            return skip("transforms its input before the op in a way other than padding")
         p = pad_calls[0].args
         mode = p.get("mode", "constant") or "constant"
-        pads_per_run.append((mode, float(p.get("value") or 0.0), tuple(int(v) for v in p["pad"]), shape))
+        pads_per_run.append((mode, float(p.get("value") or 0.0), tuple(int(v) for v in p["pad"]), run.shape))
     if all(p is None for p in pads_per_run):
         return call, None
     if any(p is None for p in pads_per_run) or len({(p[0], p[1]) for p in pads_per_run}) > 1:
-        return SkippedLayer(name, type_name, "pads its input differently for different input sizes")
+        return skip("pads its input differently for different input sizes")
     mode, value = pads_per_run[0][0], pads_per_run[0][1]
     if len({p[2] for p in pads_per_run}) == 1:
         return call, PadSpec(mode, value, pads_per_run[0][2])
     w = call.args["weight"]
     nd = w.ndim - 2
-    geometry = _geometry(call)
-    k, s, d = tuple(w.shape[2:]), _as_tuple(geometry["stride"], nd), _as_tuple(geometry["dilation"], nd)
+    geometry = call.geometry()
+    k, s, d = tuple(w.shape[2:]), as_tuple(geometry["stride"], nd), as_tuple(geometry["dilation"], nd)
     if mode == "constant" and all(tf_same_pad(p[3][2:], k, s, d) == p[2] for p in pads_per_run):
         return call, PadSpec(mode, value, None, same_dynamic=True)
-    return SkippedLayer(
-        name, type_name, "pads its input by an amount that depends on the input size and is not TF-SAME"
-    )
+    return skip("pads its input by an amount that depends on the input size and is not TF-SAME")
 
 
 @dataclass
@@ -495,6 +323,21 @@ def _signature(module: nn.Module, own: dict[str, torch.Tensor], scalars: dict[st
     return (type(module), tensors, consts)
 
 
+@dataclass
+class _Observed:
+    """What the real probes of one module showed: its op call (derived weight digested, the first probe's kept
+    whole), its padding, and which probe input fits it."""
+
+    call: OpCall
+    pad: PadSpec | None
+    probe_shape: tuple[int, ...]
+    shape_index: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.call.args["weight"].tensor
+
+
 class _Prober:
     """Analyses candidate modules one at a time.
 
@@ -504,148 +347,134 @@ class _Prober:
     evaluated in float64, reproduces on every channel what its own code computed; anything else sends it
     through the full probes too. Either way every layer's own output is checked whole."""
 
-    def __init__(self, param_ids: _Tensors, keep_weights: bool) -> None:
-        self.param_ids = param_ids
-        self.keep_weights = keep_weights
+    def __init__(self, params: TensorSet, exact_weights: bool) -> None:
+        self.params = params
+        self.exact_weights = exact_weights
         self.learned: dict[tuple, _Learned] = {}
 
-    def analyse(self, name: str, module: nn.Module) -> DerivedLayer | SkippedLayer | None:
-        own = _own_tensors(module)
+    def analyse(self, name: str, module: nn.Module) -> Finding | None:
+        own = own_tensors(module)
         weights = [t for t in own.values() if t.is_floating_point() and t.ndim >= 2]
         if not weights:
-            return SkippedLayer(name, type(module).__name__, "could not be run on a probe input")
+            return Finding(SkippedLayer(name, type(module).__name__, "could not be run on a probe input"))
         largest = max(weights, key=lambda t: t.numel())
         scalars, eps_hints = _scalar_attributes(module)
         signature = _signature(module, own, scalars)
         learned = self.learned.get(signature) if signature is not None else None
         if learned is not None:
-            layer = self._quick(name, module, own, largest, scalars, learned)
-            if layer is not None:
-                return layer
-        result, learned = self._full(name, module, own, largest, scalars, eps_hints)
+            found = self._quick(name, module, own, largest, scalars, learned)
+            if found is not None:
+                return found
+        found, learned = self._full(name, module, own, largest, scalars, eps_hints)
         if signature is not None and learned is not None:
             self.learned.setdefault(signature, learned)
-        return result
+        return found
 
-    def _quick(self, name, module, own, largest, scalars, learned: _Learned) -> DerivedLayer | None:
-        shapes = _probe_shapes(module, largest)
+    def _quick(self, name, module, own, largest, scalars, learned: _Learned) -> Finding | None:
+        """The layer checked against a formula learned on another module of its signature; None: probe fully."""
+        shapes = probe_shapes(module, tuple(largest.shape))
         if learned.shape_index >= len(shapes):
             return None
-        shape = shapes[learned.shape_index][0]
         try:
-            out, rec, x = _run_probe(module, shape, largest.dtype, 0)
+            run = run_probe(module, shapes[learned.shape_index][0], largest.dtype, 0)
         except Exception:  # noqa: BLE001 - then the full probes decide
             return None
-        ops = [c for c in rec.calls if c.op in OPS]
-        if len(ops) != 1 or any(c.op == "pad" for c in rec.calls):
+        if len(run.ops) != 1 or len(run.calls) != 1:
             return None
-        call = ops[0]
+        call = run.ops[0]
         w0, bias = call.args.get("weight"), call.args.get("bias")
         raw = own.get(learned.raw_name)
-        if not isinstance(w0, torch.Tensor) or w0 in self.param_ids or raw is None or raw.shape != w0.shape:
+        if not isinstance(w0, torch.Tensor) or w0 in self.params or raw is None or raw.shape != w0.shape:
             return None
-        if out is not call.output or call.args["input"] is not x:
+        if run.output is not call.output or call.args["input"] is not run.input:
             return None
-        bias_param = next((k for k, t in own.items() if t is bias), None) if bias is not None else None
+        bias_param = _param_name(own, bias)
         if bias_param != learned.bias_param or (bias is not None and bias_param is None):
             return None  # a computed bias needs the second probe (does it depend on the input?)
-        n = int(w0[0].numel())
         try:
+            n = int(w0[0].numel())
             formula = replace(learned.formula, scale_const=const_value(learned.formula.scale_const_name, scalars, n))
         except KeyError:
             return None
-        per_channel = _per_channel(own, w0.shape[0], learned.raw_name, bias_param)
+        rounded = self._round(own, raw, formula, learned.raw_name, bias_param, w0)
+        if rounded is None:
+            return None
+        found = self._finding(name, module, call, w0, None, learned.raw_name, bias_param, formula, rounded)
+        found.result.probed_as = learned.layer
+        return found
+
+    def _full(self, name, module, own, largest, scalars, eps_hints) -> tuple[Finding | None, _Learned | None]:
+        observed = self._observe(name, module, largest)
+        if not isinstance(observed, _Observed):
+            return (None if observed is None else Finding(observed)), None
+        call, w0 = observed.call, observed.weight
+        bias = call.args.get("bias")
+        # Where does the weight come from: the raw tensor of the same shape among the layer's own tensors.
+        raw_name = next((k for k, t in own.items() if t.shape == w0.shape and t.is_floating_point()), None)
+        bias_param = _param_name(own, bias)
+        formula = rounded = None
+        if raw_name is not None:
+            formula = self._identify(module, own, raw_name, bias_param, observed, scalars, eps_hints)
+            rounded = None if formula is None else self._round(own, own[raw_name], formula, raw_name, bias_param, w0)
+            formula = formula if rounded is not None else None
+        found = self._finding(name, module, call, w0, observed.pad, raw_name, bias_param, formula, rounded)
+        clean = formula is not None and observed.pad is None and raw_name is not None and (bias is None or bias_param)
+        learned = _Learned(name, observed.shape_index, raw_name, bias_param, formula) if clean else None
+        return found, learned
+
+    def _observe(self, name: str, module: nn.Module, largest: torch.Tensor) -> _Observed | SkippedLayer | None:
+        """Two real probes at different input sizes, on the first input shape the module accepts."""
+        errors = []
+        for index, shapes in enumerate(probe_shapes(module, tuple(largest.shape))):
+            runs = []
+            try:
+                for seed, shape in enumerate(shapes):
+                    run = run_probe(module, shape, largest.dtype, seed)
+                    # Only the first probe's derived weight is kept whole; later ones are digested at once.
+                    _digest_derived(run, self.params, keep=seed == 0)
+                    runs.append(run)
+            except Exception as exc:  # noqa: BLE001 - a wrong guess of the input shape raises anything
+                errors.append(f"{type(exc).__name__}: {first_line(exc)}")
+                continue
+            observed = _observe_runs(name, type(module).__name__, runs)
+            if observed is None or isinstance(observed, SkippedLayer):
+                return observed
+            return _Observed(observed[0], observed[1], runs[0].shape, index)
+        reason = "could not be run on a probe input" + (f" ({errors[0]})" if errors else "")
+        return SkippedLayer(name, type(module).__name__, reason)
+
+    def _identify(self, module, own, raw_name, bias_param, observed: _Observed, scalars, eps_hints) -> Formula | None:
+        """Score formulas on a subset of channels of the real weight and of designed ones; the best candidate."""
+        raw = own[raw_name]
+        per_channel = _per_channel(own, raw.shape[0], raw_name, bias_param)
+        keep = channel_subset(raw.shape[0])
+        observations = [(raw[keep], observed.call.args["weight"].subset)]
+        for designed in designed_weights(raw):
+            captured = _derived_weight_of(module, observed.probe_shape, raw.dtype, self.params, {raw_name: designed})
+            if captured is not None and captured.shape == raw.shape:
+                observations.append((designed[keep], captured[keep].clone()))
+            del designed, captured
+        found = identify_formula(
+            observations, {k: v.reshape(-1)[keep] for k, v in per_channel.items()}, scalars, eps_hints
+        )
+        return found
+
+    def _round(self, own, raw, formula: Formula, raw_name, bias_param, observed: torch.Tensor) -> Rounded | None:
+        """The formula in float64 over the whole weight, checked element by element against what the layer's own
+        code computed; None when they differ by more than rounding noise."""
+        per_channel = _per_channel(own, raw.shape[0], raw_name, bias_param)
         scale, shift = formula.affine_tensors(per_channel)
         if (formula.scale_tensor and scale is None) or (formula.shift_tensor and shift is None):
             return None
+        # When baking, a memory-mapped source weight's pages are handed back as soon as they have been read for
+        # the last time (the baked layer replaces it).
+        done = FilePages(raw).release if self.exact_weights else None
         rounded = standardize_rounded(
-            raw, formula, scale, shift, dtype=w0.dtype, observed=w0, keep=self.keep_weights, done_rows=self._done(raw)
+            raw, formula, scale, shift, dtype=observed.dtype, observed=observed, keep=self.exact_weights, done_rows=done
         )
-        if not rounded.misfit <= tolerance(w0.dtype):
-            return None
-        layer = self._layer(name, module, call, w0, None, learned.raw_name, bias_param, formula, rounded)
-        layer.probed_as = learned.layer
-        return layer
+        return rounded if rounded.misfit <= tolerance(observed.dtype) else None
 
-    def _full(self, name, module, own, largest, scalars, eps_hints):
-        type_name = type(module).__name__
-        dtype = largest.dtype
-        errors = []
-        runs = None
-        shape_index = -1
-        for shapes in _probe_shapes(module, largest):
-            shape_index += 1
-            try:
-                runs = []
-                for seed, shape in enumerate(shapes):
-                    out, rec, x = _run_probe(module, shape, dtype, seed)
-                    # Only the first probe's derived weight is kept whole; later ones are digested at once.
-                    _digest_derived(rec, self.param_ids, keep=seed == 0)
-                    runs.append((shape, out, rec, x))
-                    del out, rec, x
-                break
-            except Exception as exc:  # noqa: BLE001 - a wrong guess of the input shape raises anything
-                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-                runs = None
-        if runs is None:
-            reason = "could not be run on a probe input" + (f" ({errors[0]})" if errors else "")
-            return SkippedLayer(name, type_name, reason), None
-
-        observed = _observe_runs(name, type_name, runs, self.param_ids)
-        probe_shape = runs[0][0]
-        del runs  # each run holds its derived weight
-        if observed is None or isinstance(observed, SkippedLayer):
-            return observed, None
-        call, pad_spec = observed
-        del observed
-        w0 = call.args["weight"].tensor
-        digest = call.args["weight"]
-        bias = call.args.get("bias")
-
-        # Where does the weight come from: the raw tensor of the same shape among the layer's own tensors.
-        raw_name, raw = next(
-            ((k, t) for k, t in own.items() if t.shape == w0.shape and t.is_floating_point()), (None, None)
-        )
-        bias_param = next((k for k, t in own.items() if t is bias), None) if bias is not None else None
-        formula = rounded = None
-        if raw is not None:
-            per_channel = _per_channel(own, w0.shape[0], raw_name, bias_param)
-            # Score formulas on a subset of channels (the real weight and the designed ones), then check the
-            # winner on all of them.
-            keep = channel_subset(raw.shape[0])
-            observations = [(raw[keep], digest.subset)]
-            for designed in designed_weights(raw):
-                captured = _derived_weight_of(module, probe_shape, dtype, self.param_ids, {raw_name: designed})
-                if captured is not None and captured.shape == raw.shape:
-                    observations.append((designed[keep], captured[keep].clone()))
-                del designed, captured
-            found = identify_formula(
-                observations, {k: v.reshape(-1)[keep] for k, v in per_channel.items()}, scalars, eps_hints
-            )
-            if found:
-                f = found[0]
-                full = standardize_rounded(
-                    raw,
-                    f,
-                    *f.affine_tensors(per_channel),
-                    dtype=w0.dtype,
-                    observed=w0,
-                    keep=self.keep_weights,
-                    done_rows=self._done(raw),
-                )
-                if full.misfit <= tolerance(w0.dtype):
-                    formula, rounded = f, full
-        layer = self._layer(name, module, call, w0, pad_spec, raw_name, bias_param, formula, rounded)
-        clean = formula is not None and pad_spec is None and raw_name is not None and (bias is None or bias_param)
-        learned = _Learned(name, shape_index, raw_name, bias_param, formula) if clean else None
-        return layer, learned
-
-    def _done(self, raw: torch.Tensor):
-        """When baking, a memory-mapped source weight's pages are handed back as soon as they have been read for
-        the last time (the baked layer replaces it)."""
-        return FilePages(raw).release if self.keep_weights else None
-
-    def _layer(self, name, module, call, w0, pad_spec, raw_name, bias_param, formula, rounded) -> DerivedLayer:
+    def _finding(self, name, module, call, w0, pad_spec, raw_name, bias_param, formula, rounded) -> Finding:
         bias = call.args.get("bias")
         fan_in = int(w0[0].numel())
         type_name = type(module).__name__
@@ -653,7 +482,7 @@ class _Prober:
             name=name,
             type=type_name,
             op=call.op,
-            geometry=_geometry(call),
+            geometry=call.geometry(),
             weight_shape=tuple(w0.shape),
             dtype=w0.dtype,
             source_param=raw_name or "",
@@ -670,7 +499,6 @@ class _Prober:
             layer.observed_bias = None if bias is None else bias.detach().clone()
             layer.warnings.append("formula not identified: the observed weight is baked as is")
         else:
-            layer.exact_weight = rounded.weight
             if bias is not None and bias_param is None:
                 layer.observed_bias = bias.detach().clone()
             low = int((rounded.var_b < formula.eps).sum())
@@ -680,7 +508,12 @@ class _Prober:
             layer.warnings.append(f"fan-in {fan_in} < 16: statistics from {fan_in} numbers")
         if not raw_name:
             layer.warnings.append("no parameter of the weight's shape: the observed weight is baked as is")
-        return layer
+        return Finding(layer, rounded.weight if rounded is not None else None)
+
+
+def _param_name(own: dict[str, torch.Tensor], tensor: torch.Tensor | None) -> str | None:
+    """The name under which the module owns ``tensor`` (None for a computed tensor, or no tensor)."""
+    return None if tensor is None else next((k for k, t in own.items() if t is tensor), None)
 
 
 def _per_channel(own: dict[str, torch.Tensor], channels: int, raw_name, bias_param) -> dict[str, torch.Tensor]:
@@ -715,46 +548,48 @@ def _scalar_attributes(module: nn.Module) -> tuple[dict[str, float], list[float]
     return scalars, eps_hints
 
 
-def detect_layers(
-    model: nn.Module,
-    progress: Callable[[int, int], None] | None = None,
-    *,
-    on_layer: Callable[[DerivedLayer], None] | None = None,
-) -> Detection:
-    """Probe every candidate module of ``model`` and report the ones with a derived weight. Never mutates ``model``.
+def iter_layers(
+    model: nn.Module, *, exact_weights: bool = False, progress: Callable[[int, int], None] | None = None
+) -> Iterator[Finding]:
+    """Probe every candidate module of ``model`` and yield a Finding for each layer with a derived weight and each
+    module that cannot be baked or run. Never changes ``model`` (probing runs it in eval mode, every flag restored).
 
-    With ``on_layer``, each layer found is handed over at once with its exact weight (``exact_weight``, the
-    formula in float64 rounded once) so the caller can bake it before the next is probed; the weight is not
-    kept in the returned Detection."""
-    param_ids = _Tensors(model)
-    # Names, not module objects: a layer baked on the way (on_layer) must not be kept alive by this loop.
+    With ``exact_weights``, each derived layer comes with its exact weight, so that a caller can bake it before
+    the next layer is probed; a memory-mapped source weight's pages are then handed back once read. A module
+    inside one yielded as derived or unsupported is not probed on its own: the parent's math would be split."""
+    params = TensorSet(model)
+    # Names, not module objects: a layer baked on the way must not be kept alive by this loop.
     candidates = [n for n, m in model.named_modules() if _is_candidate(m)]
-    prober = _Prober(param_ids, keep_weights=on_layer is not None)
-    layers: list[DerivedLayer] = []
-    unsupported: list[SkippedLayer] = []
-    unprobed: list[SkippedLayer] = []
-    was_training = {n: m.training for n, m in model.named_modules()}
-    model.eval()
-    try:
+    prober = _Prober(params, exact_weights)
+    claimed: list[str] = []
+    with eval_mode(model):
         for i, name in enumerate(candidates):
-            # A layer inside an unsupported one must not be baked on its own: the parent's math would be split.
-            # named_modules() lists parents first, so the parent's verdict is known by now.
-            if any(name.startswith(u.name + ".") for u in unsupported if u.name):
-                result = None
-            else:
-                result = prober.analyse(name, model.get_submodule(name))
-            if isinstance(result, DerivedLayer):
-                layers.append(result)
-                if on_layer is not None:
-                    on_layer(result)
-                result.exact_weight = None
-            elif isinstance(result, SkippedLayer):
-                (unprobed if result.reason.startswith("could not be run") else unsupported).append(result)
-            del result
+            if not any(name.startswith(c + ".") or c == "" for c in claimed):
+                found = prober.analyse(name, model.get_submodule(name))
+                if found is not None:
+                    if isinstance(found.result, DerivedLayer) or not _unprobed(found.result):
+                        claimed.append(name)
+                    yield found
+                del found
             if progress:
                 progress(i + 1, len(candidates))
-    finally:
-        for n, m in model.named_modules():
-            if n in was_training:
-                m.training = was_training[n]
-    return Detection(layers, unsupported, unprobed)
+
+
+def _unprobed(skipped: SkippedLayer) -> bool:
+    return skipped.reason.startswith("could not be run")
+
+
+def detect_layers(model: nn.Module, progress: Callable[[int, int], None] | None = None) -> Detection:
+    """Probe every candidate module of ``model`` and report the ones with a derived weight. Never mutates ``model``."""
+    detection = Detection([], [], [])
+    for found in iter_layers(model, progress=progress):
+        add_finding(detection, found.result)
+    return detection
+
+
+def add_finding(detection: Detection, result: DerivedLayer | SkippedLayer) -> None:
+    """File one verdict in the list of ``detection`` it belongs to."""
+    if isinstance(result, DerivedLayer):
+        detection.layers.append(result)
+    else:
+        (detection.unprobed if _unprobed(result) else detection.unsupported).append(result)

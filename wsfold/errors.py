@@ -43,3 +43,9 @@ class ExportError(WsfoldError):
 
 class VerifyInputError(WsfoldError):
     """verify cannot run: ONNX file missing or unreadable, inputs that do not match the graph."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none (for one-line reports)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

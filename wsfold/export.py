@@ -1,9 +1,15 @@
-"""Export a (baked) model to ONNX with every weight an initializer, audited, checked and written atomically."""
+"""Export a (baked) model to ONNX with every weight an initializer, audited, checked and written atomically.
+
+The steps, each one job: trace inputs (a private copy of the model at the export dtype, in eval mode, with
+static TF-SAME pads frozen) -> raw export by torch.onnx -> graph passes and audit -> stamp metadata -> checked
+save (onnx.checker, then rename into place).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -12,14 +18,22 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import __version__
-from .errors import ExportError, OptionError
-from .io import check_output
+from .errors import ExportError, OptionError, first_line
+from .modeltree import copy_paths, model_dtype, structural_copy
+from .paths import check_output
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .bake import BakeReport
+    from .fold import FoldReport
+    from .pipeline import Prepared
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"
@@ -104,10 +118,6 @@ def resolve_input_shapes(model: nn.Module, shapes: Sequence[str | tuple[int, ...
     return [declared]
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
 def example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype, *, batch: int | None = None, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return tuple(
@@ -167,9 +177,7 @@ def _quiet_exporter(notes: list[str]):
 def freeze_same_pads(model: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Module:
     """With static spatial dims, TF-SAME padding is a constant: replace each SamePad by the torch.nn pad it
     amounts to at this input size (the exported graph then has no shape arithmetic). Returns a copy."""
-    from .bake import _shallow_copy_tree
-    from .detect import tf_same_pad
-    from .modules import SamePad
+    from .modules import SamePad, tf_same_pad
 
     names = [n for n, m in model.named_modules() if isinstance(m, SamePad)]
     if not names:
@@ -187,7 +195,7 @@ def freeze_same_pads(model: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Mod
     finally:
         for h in hooks:
             h.remove()
-    frozen = _shallow_copy_tree(model, set(sizes))
+    frozen = copy_paths(model, set(sizes))
     pad_cls = {1: nn.ConstantPad1d, 2: nn.ConstantPad2d, 3: nn.ConstantPad3d}
     for name, shape in sizes.items():
         m = model.get_submodule(name)
@@ -198,7 +206,83 @@ def freeze_same_pads(model: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Mod
     return frozen
 
 
-def _run_exporter(
+@dataclass
+class TraceInputs:
+    """What the exporter is handed: a private copy of the model (export dtype, eval mode, static pads frozen),
+    example inputs, and the graph's input and output names."""
+
+    model: nn.Module
+    args: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+
+def trace_inputs(
+    model: nn.Module,
+    input_shapes: list[tuple[int, ...]],
+    input_dtype: torch.dtype | None,
+    *,
+    dynamic_batch: bool,
+    dynamic_hw: bool,
+) -> TraceInputs:
+    """Prepare the model and example inputs for the exporter without changing ``model``: the copy shares its
+    tensors, or holds converted ones when the export dtype differs."""
+    notes = []
+    dtype = input_dtype or model_dtype(model)
+    if dtype == torch.bfloat16:
+        # ONNX Conv has no bfloat16; widening the baked bfloat16 weights to float32 is exact.
+        dtype = torch.float32
+        notes.append("bfloat16 model exported as float32 (ONNX Conv has no bfloat16; the weights widen exactly)")
+    private = structural_copy(model, dtype if dtype != model_dtype(model) else None).eval()
+    trace_batch = 2 if dynamic_batch and input_shapes[0][0] == 1 else None
+    args = example_inputs(input_shapes, dtype, batch=trace_batch)
+    if not dynamic_hw:
+        private = freeze_same_pads(private, args)
+    with torch.no_grad():
+        try:
+            reference = private(*args)
+        except Exception as exc:  # noqa: BLE001 - the user's shapes may not fit the model
+            raise OptionError(
+                f"the model cannot run on inputs of shape {', '.join(str(tuple(a.shape)) for a in args)} "
+                f"({first_line(exc)}).",
+                "fix --input-shape / --input-dtype.",
+            ) from None
+    output_names, _ = flatten_outputs(reference)
+    input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    return TraceInputs(private, args, input_names, output_names, notes)
+
+
+@contextlib.contextmanager
+def _quiet_exporter(notes: list[str]):
+    """torch.onnx prints progress to stdout and warns a lot; keep stdout for our own (JSON) output. Tracer
+    warnings raised in the model's own code (not torch's) are kept as notes: a traced branch may be wrong."""
+    sink = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    torch_dir = str(Path(torch.__file__).parent)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sink):
+            warnings.simplefilter("always")
+            yield sink
+        for w in caught:
+            if issubclass(w.category, torch.jit.TracerWarning) and not str(w.filename).startswith(torch_dir):
+                note = (
+                    f"tracer warning at {Path(w.filename).name}:{w.lineno}: {str(w.message).split('.')[0]}; run verify"
+                )
+                if note not in notes:
+                    notes.append(note)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _raw_export(
     model: nn.Module,
     args: tuple[torch.Tensor, ...],
     path: Path,
@@ -256,27 +340,18 @@ def _run_exporter(
     )
 
 
-def export_onnx(
-    model: nn.Module,
-    out: str | Path,
-    *,
-    input_shapes: list[tuple[int, ...]],
-    input_dtype: torch.dtype | None = None,
-    dynamic_batch: bool = True,
-    dynamic_hw: bool = False,
-    exporter: str = DEFAULT_EXPORTER,
-    opset: int = DEFAULT_OPSET,
-    external_data: bool | None = None,
-    simplify: bool = True,
-    metadata: dict[str, str] | None = None,
-    baked: int = 0,
-    force: bool = False,
-    source: Path | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> ExportResult:
-    """Export ``model`` (already baked) to ``out``. ``external_data=None`` picks it automatically above ~1.8 GB."""
-    import onnx
+@dataclass
+class GraphPasses:
+    """The rewritten graph and what the passes changed."""
 
+    model: onnx.ModelProto
+    deduplicated: int
+    pad_guards: list[str]
+
+
+def rewrite_and_audit(proto: onnx.ModelProto, *, fold: bool) -> GraphPasses:
+    """Constant folding (``fold``), de-duplication, the Pad(0)+MaxPool guard and dead initializers, then the audit:
+    a graph that still computes a weight is refused."""
     from .onnx_graph import (
         audit_graph,
         dedupe_initializers,
@@ -285,37 +360,118 @@ def export_onnx(
         guard_pad_maxpool,
     )
 
-    out = check_output(Path(out), force=force, source=source, suffixes=(".onnx",))
+    if fold:
+        proto = fold_constants(proto)
+    deduped = dedupe_initializers(proto)
+    guards = guard_pad_maxpool(proto)
+    drop_unused_initializers(proto)
+    problems = audit_graph(proto)
+    if problems:
+        more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise ExportError(
+            "the exported graph still computes weights: " + "; ".join(problems[:2]) + more + ".",
+            "run `wsfold inspect` on SOURCE: unsupported layers stay as they are and cannot export as constants.",
+        )
+    return GraphPasses(proto, deduped, guards)
+
+
+def stamp_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in props.items():
+        entry = existing.get(key) or proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+
+
+def checked_save(proto: onnx.ModelProto, out: Path, workdir: Path, *, external: bool, force: bool) -> None:
+    """Save into ``workdir``, run onnx.checker's full check on the file, then move it (data file first, graph
+    last: OUT never points at missing data) onto ``out``."""
+    import onnx
+
+    final = workdir / out.name
+    data_name = f"{out.name}.data"
+    for stale in workdir.glob("*.data"):
+        stale.unlink()
+    onnx.save_model(
+        proto,
+        str(final),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
+    try:
+        onnx.checker.check_model(str(final), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejects the exported graph: {first_line(exc)}") from None
+    stale_data = out.with_name(data_name)
+    if external:
+        os.replace(workdir / data_name, stale_data)
+    elif stale_data.exists() and force:
+        stale_data.unlink()
+    os.replace(final, out)
+
+
+def provenance(
+    bake_report: BakeReport | None, fold_report: FoldReport | None, source: Path | None, baked: int | None = None
+) -> dict[str, str]:
+    """The metadata wsfold stamps on a graph: what was baked and folded, from which file. verify reads
+    ``wsfold_fold`` to compare per layer against the same folding."""
+    from .load import file_sha256
+
+    props = {"wsfold_version": __version__}
+    if baked is None and bake_report is not None:
+        baked = len(bake_report.baked)
+    if baked is not None:
+        props["wsfold_baked_layers"] = str(baked)
+    if fold_report is not None:
+        props["wsfold_fold"] = "0" if fold_report.skipped else "1"
+        props["wsfold_folded"] = json.dumps([f.to_dict() for f in fold_report.folded])
+    if source is not None and Path(source).is_file():
+        props["wsfold_source"] = Path(source).name
+        props["wsfold_source_sha256"] = file_sha256(Path(source))
+    return props
+
+
+def export_onnx(
+    model: nn.Module | Prepared,
+    out: str | Path,
+    *,
+    input_shapes: Sequence[str | tuple[int, ...]] | None = None,
+    input_dtype: torch.dtype | None = None,
+    dynamic_batch: bool = True,
+    dynamic_hw: bool = False,
+    exporter: str = DEFAULT_EXPORTER,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+    simplify: bool = True,
+    bake_report: BakeReport | None = None,
+    fold_report: FoldReport | None = None,
+    source: str | Path | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export a baked model (or the result of :func:`wsfold.prepare`, which brings its reports and source) to
+    ``out``. ``model`` is not changed. ``input_shapes`` defaults to the size the model declares;
+    ``external_data=None`` picks external data automatically above ~1.8 GB. The reports and source go into the
+    graph's metadata."""
+    import onnx
+
+    from .pipeline import Prepared
+
+    baked_count = None
+    if isinstance(model, Prepared):
+        prepared = model
+        model, bake_report, fold_report = prepared.model, prepared.bake, prepared.fold
+        source, baked_count = source or prepared.source, prepared.baked_layers
+    out = check_output(Path(out), force=force, source=Path(source) if source else None, suffixes=(".onnx",))
     if exporter not in EXPORTERS:
         raise OptionError(
             f"--exporter {exporter!r} is not one of {', '.join(EXPORTERS)}.", "use --exporter torchscript or dynamo."
         )
-    notes = []
-    dtype = input_dtype or model_dtype(model)
-    if dtype == torch.bfloat16:
-        # ONNX Conv has no bfloat16; widening the baked bfloat16 weights to float32 is exact.
-        dtype = torch.float32
-        notes.append("bfloat16 model exported as float32 (ONNX Conv has no bfloat16; the weights widen exactly)")
-    if dtype != model_dtype(model):
-        model = model.to(dtype)  # the caller hands a model it owns (baked in memory)
-    model.eval()
-    trace_batch = 2 if dynamic_batch and input_shapes[0][0] == 1 else None
-    args = example_inputs(input_shapes, dtype, batch=trace_batch)
-    if not dynamic_hw:
-        model = freeze_same_pads(model, args)
-    with torch.no_grad():
-        try:
-            reference = model(*args)
-        except Exception as exc:  # noqa: BLE001 - the user's shapes may not fit the model
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise OptionError(
-                f"the model cannot run on inputs of shape {', '.join(str(tuple(a.shape)) for a in args)} ({first}).",
-                "fix --input-shape / --input-dtype.",
-            ) from None
-    output_names, _ = flatten_outputs(reference)
-    input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
-    n_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    external = n_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    shapes = resolve_input_shapes(model, input_shapes)
+    traced = trace_inputs(model, shapes, input_dtype, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
+    notes = traced.notes
+    external = traced.weight_bytes() > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
 
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -323,14 +479,14 @@ def export_onnx(
         if progress:
             progress(f"torch.onnx.export ({exporter})")
         with _quiet_exporter(notes):
-            _run_exporter(
-                model,
-                args,
+            _raw_export(
+                traced.model,
+                traced.args,
                 raw_path,
                 exporter=exporter,
                 opset=opset,
-                input_names=input_names,
-                output_names=output_names,
+                input_names=traced.input_names,
+                output_names=traced.output_names,
                 dynamic_batch=dynamic_batch,
                 dynamic_hw=dynamic_hw,
                 external=external,
@@ -338,52 +494,17 @@ def export_onnx(
         if progress:
             progress("audit and rewrite graph")
         proto = onnx.load(str(raw_path), load_external_data=True)
-        if simplify and exporter == "torchscript":
-            # The dynamo exporter already ran onnxscript's optimizer; the TorchScript one leaves constant
-            # subgraphs (pad construction, shape arithmetic).
-            proto = fold_constants(proto)
-        deduped = dedupe_initializers(proto)
-        guards = guard_pad_maxpool(proto)
-        drop_unused_initializers(proto)
-        problems = audit_graph(proto)
-        if problems:
-            more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
-            raise ExportError(
-                "the exported graph still computes weights: " + "; ".join(problems[:2]) + more + ".",
-                "run `wsfold inspect` on SOURCE: unsupported layers stay as they are and cannot export as constants.",
-            )
-        props = {"wsfold_version": __version__, "wsfold_baked_layers": str(baked), **(metadata or {})}
-        existing = {p.key: p for p in proto.metadata_props}
-        for key, value in props.items():
-            entry = existing.get(key) or proto.metadata_props.add()
-            entry.key, entry.value = key, str(value)
-        final = tmpdir / out.name
-        data_name = f"{out.name}.data"
-        for stale in tmpdir.glob("*.data"):
-            stale.unlink()
-        onnx.save_model(
-            proto,
-            str(final),
-            save_as_external_data=external,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
+        # The dynamo exporter already ran onnxscript's optimizer; the TorchScript one leaves constant subgraphs
+        # (pad construction, shape arithmetic).
+        passes = rewrite_and_audit(proto, fold=simplify and exporter == "torchscript")
+        proto = passes.model
+        stamp_metadata(proto, provenance(bake_report, fold_report, Path(source) if source else None, baked_count))
         if progress:
             progress("onnx.checker (full check)")
-        try:
-            onnx.checker.check_model(str(final), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"onnx.checker rejects the exported graph: {str(exc).splitlines()[0]}") from None
         nodes, initializers = len(proto.graph.node), len(proto.graph.initializer)
-        del proto
-        # Data file first, graph last: OUT never points at missing data.
-        stale_data = out.with_name(data_name)
-        if external:
-            os.replace(tmpdir / data_name, stale_data)
-        elif stale_data.exists() and force:
-            stale_data.unlink()
-        os.replace(final, out)
+        checked_save(proto, out, tmpdir, external=external, force=force)
+        guards, deduped = passes.pad_guards, passes.deduplicated
+        del proto, passes  # the graph can be as large as the model: not kept past the save
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return ExportResult(
@@ -391,12 +512,12 @@ def export_onnx(
         nodes=nodes,
         initializers=initializers,
         external_data=external,
-        baked=baked,
+        baked=baked_count if baked_count is not None else len(bake_report.baked) if bake_report else 0,
         opset=opset,
         exporter=exporter,
-        input_names=input_names,
-        input_shapes=list(input_shapes),
-        output_names=output_names,
+        input_names=traced.input_names,
+        input_shapes=list(shapes),
+        output_names=traced.output_names,
         dynamic_batch=dynamic_batch,
         dynamic_hw=dynamic_hw,
         pad_guards=guards,

@@ -4,31 +4,90 @@ Runs after baking, never into a layer that still standardizes (folding into a WS
 its next standardization). Adjacency comes from a torch.fx trace, not module order; a conv whose output has other
 users is not folded. A module is folded as a normalizer when probing proves it is a per-channel affine map in
 eval mode (BatchNorm with running statistics, frozen BN, the batch half of Batch-Channel Normalization, ...).
+
+Folding is planned, then applied: ``plan_folds`` reads the traced graph and returns FoldSteps (and the reasons
+for what it will not fold); ``apply_folds`` carries them out on a copy.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .bake import _set_submodule, _shallow_copy_tree
+from .errors import first_line
+from .modeltree import copy_paths, set_submodule
 
 _FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 _NORMS = (nn.GroupNorm, nn.LayerNorm)
 
+# Each kind of fold, and on which side of its layer the normalizer stands: "after" folds a * y + b into the
+# layer's output (the normalizer becomes Identity); "before" folds the normalizer's affine into the layer's input
+# (the normalizer keeps its statistics and loses its affine).
+FOLD_KINDS = {
+    "batchnorm": "after",
+    "frozen batchnorm": "after",
+    "batch-channel-norm (batch part)": "after",
+    "per-channel affine": "after",
+    "groupnorm-affine": "before",
+    "layernorm-affine": "before",
+}
+
+
+# FoldReport.skipped when folding was not asked for.
+NOT_ASKED = "--no-fold"
+
+
+@dataclass(frozen=True)
+class Folded:
+    """One normalizer (or its affine) folded into a layer."""
+
+    norm: str
+    into: str
+    kind: str  # a key of FOLD_KINDS
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NotFolded:
+    name: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
 
 @dataclass
 class FoldReport:
-    folded: list[dict[str, str]] = field(default_factory=list)
-    not_folded: list[dict[str, str]] = field(default_factory=list)
+    folded: list[Folded] = field(default_factory=list)
+    not_folded: list[NotFolded] = field(default_factory=list)
     skipped: str | None = None  # why folding did not run at all
 
     def to_dict(self) -> dict[str, Any]:
-        return {"folded": self.folded, "not_folded": self.not_folded, "fold_skipped": self.skipped}
+        return {
+            "folded": [f.to_dict() for f in self.folded],
+            "not_folded": [n.to_dict() for n in self.not_folded],
+            "fold_skipped": self.skipped,
+        }
+
+
+@dataclass
+class FoldStep:
+    """A planned fold: the per-channel ``scale`` and ``shift`` (float64) that ``norm`` applies, into ``into``."""
+
+    norm: str
+    into: str
+    kind: str
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def record(self) -> Folded:
+        return Folded(self.norm, self.into, self.kind)
 
 
 class _LeafTracer(fx.Tracer):
@@ -36,15 +95,6 @@ class _LeafTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return next(m.children(), None) is None or super().is_leaf_module(m, qualname)
-
-
-def _copy_module(module: nn.Module) -> nn.Module:
-    """A new module object with its own parameter/buffer/child tables (the tensors themselves are shared)."""
-    clone = copy.copy(module)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
-    clone._modules = dict(module._modules)
-    return clone
 
 
 def trace(model: nn.Module) -> fx.Graph:
@@ -78,10 +128,6 @@ def per_channel_affine(
         if float((a_c.view(view) * xx.double() + b_c.view(view) - yy).abs().max()) > tol * scale:
             return None
     return a_c, b_c
-
-
-def _users(node: fx.Node) -> list[fx.Node]:
-    return list(node.users)
 
 
 def _module_kind(name: str, module: nn.Module, model: nn.Module) -> str:
@@ -141,7 +187,7 @@ def _fold_input_affine(layer: nn.Module, gamma: torch.Tensor, beta: torch.Tensor
     layer.bias = nn.Parameter(new_b.to(dtype), requires_grad=False)
 
 
-def _norm_affine_foldable(norm: nn.Module, nxt: nn.Module) -> str | None:
+def _affine_foldable_into(norm: nn.Module, nxt: nn.Module) -> str | None:
     """Why the norm's affine cannot fold into ``nxt``, or None when it can."""
     beta = norm.bias
     if isinstance(norm, nn.LayerNorm):
@@ -159,161 +205,164 @@ def _norm_affine_foldable(norm: nn.Module, nxt: nn.Module) -> str | None:
     return None
 
 
-def restore_fold_structure(model: nn.Module, folded: list[dict[str, str]]) -> nn.Module:
-    """Give a freshly built (and baked) model the module structure a folded checkpoint was saved with, so that
-    its state dict loads: folded normalizers become Identity (or lose their affine), their layers gain a bias."""
-    for entry in folded:
-        layer = model.get_submodule(entry["into"])
-        if layer.bias is None:
-            out = (
-                layer.weight.shape[1] * layer.groups
-                if isinstance(layer, nn.modules.conv._ConvTransposeNd)
-                else layer.weight.shape[0]
-            )
-            layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype), requires_grad=False)
-        norm = model.get_submodule(entry["norm"])
-        if entry["kind"] == "groupnorm-affine":
-            new = nn.GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps, affine=False)
-        elif entry["kind"] == "layernorm-affine":
-            new = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
+def strip_affine(norm: nn.Module) -> nn.Module:
+    """The GroupNorm/LayerNorm without its affine (same statistics and eps)."""
+    if isinstance(norm, nn.GroupNorm):
+        return nn.GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps, affine=False)
+    return nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
+
+
+def _without_norm(norm: nn.Module, kind: str) -> nn.Module:
+    """What stands in the normalizer's place once it is folded."""
+    return nn.Identity() if FOLD_KINDS[kind] == "after" else strip_affine(norm)
+
+
+class _Graph:
+    """The traced model as the planner needs it: modules by name, how often each is called, and the producer of
+    a node's input."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+        self.graph = graph
+        self.modules = dict(model.named_modules())
+        self.calls: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+
+    def module_nodes(self) -> Iterable[fx.Node]:
+        return (n for n in self.graph.nodes if n.op == "call_module")
+
+    def module_of(self, node: fx.Node | None) -> nn.Module | None:
+        return self.modules.get(node.target) if node is not None and node.op == "call_module" else None
+
+
+def _plan_output_fold(g: _Graph, node: fx.Node, model: nn.Module) -> FoldStep | NotFolded | None:
+    """A normalizer after a conv/linear: a FoldStep when it is a per-channel affine map in eval mode, a NotFolded
+    when it looks like a normalizer but cannot fold, None when it is something else."""
+    name, module = node.target, g.modules[node.target]
+    bn_like = _is_bn_like(module)
+    owns_tensors = next(module.parameters(recurse=False), None) is not None or (
+        next(module.buffers(recurse=False), None) is not None
+    )
+    if isinstance(module, (*_FOLD_INTO, *_NORMS)) or not (bn_like or owns_tensors):
+        return None
+    producer = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    prev = g.module_of(producer)
+
+    def refuse(reason: str) -> NotFolded | None:
+        return NotFolded(name, reason) if bn_like else None
+
+    if not isinstance(prev, _FOLD_INTO):
+        return refuse("its input is not the output of a conv or linear layer")
+    if module.training:
+        return NotFolded(name, "it is in training mode (call model.eval())")
+    if len(producer.users) > 1:
+        others = ", ".join(str(u.target if u.op == "call_module" else u.name) for u in producer.users if u is not node)
+        return NotFolded(name, f"the output of {producer.target} also feeds {others}")
+    if g.calls.get(name, 0) > 1 or g.calls.get(producer.target, 0) > 1:
+        return NotFolded(name, "the module or its conv is called more than once")
+    channels = prev.out_channels if hasattr(prev, "out_channels") else prev.out_features
+    affine = per_channel_affine(module, channels, prev.weight.ndim - 2, prev.weight.dtype)
+    if affine is None:
+        reason = "it is not a per-channel affine map in eval mode (no running statistics?)"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+            reason = "it has no running statistics (track_running_stats=False): it normalizes each batch"
+        return refuse(reason)
+    return FoldStep(name, producer.target, _module_kind(name, module, model), affine[0], affine[1])
+
+
+def _plan_affine_fold(g: _Graph, node: fx.Node) -> tuple[FoldStep | None, NotFolded]:
+    """A GroupNorm/LayerNorm: its affine folds into the conv/linear it feeds when that is exact. The norm itself
+    always stays (its statistics depend on the input), so a NotFolded comes with every answer."""
+    name, norm = node.target, g.modules[node.target]
+    stats = "its statistics depend on the input at inference"
+    if not getattr(norm, "elementwise_affine", getattr(norm, "affine", False)) or norm.weight is None:
+        return None, NotFolded(name, f"{stats}; it has no affine to fold")
+    users = list(node.users)
+    if len(users) != 1:
+        return None, NotFolded(name, f"{stats}; its output has {len(users)} users, so its affine stays")
+    user = users[0]
+    nxt = g.module_of(user)
+    if not isinstance(nxt, _FOLD_INTO):
+        if user.op == "call_module":
+            what = f"{user.target} ({type(g.modules[user.target]).__name__})"
         else:
-            new = nn.Identity()
-        model = _set_submodule(model, entry["norm"], new)
+            what = getattr(user.target, "__name__", str(user.target))
+        return None, NotFolded(name, f"{stats}; {what} stands between it and the next conv/linear, so its affine stays")
+    why = _affine_foldable_into(norm, nxt)
+    if why is None and g.calls.get(user.target, 0) > 1:
+        why = "the next layer is called more than once"
+    if why:
+        return None, NotFolded(name, f"{stats}; {why}")
+    kind = "groupnorm-affine" if isinstance(norm, nn.GroupNorm) else "layernorm-affine"
+    gamma = norm.weight.detach().double()
+    beta = norm.bias.detach().double() if norm.bias is not None else torch.zeros_like(gamma)
+    step = FoldStep(name, user.target, kind, gamma, beta)
+    return step, NotFolded(name, f"{stats}; only its affine was folded into {user.target}")
+
+
+def plan_folds(model: nn.Module) -> tuple[list[FoldStep], FoldReport]:
+    """What would fold, without changing anything: the steps, and a report whose ``folded`` is still empty."""
+    report = FoldReport()
+    try:
+        g = _Graph(model, trace(model))
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds of errors on untraceable code
+        report.skipped = f"the model cannot be traced by torch.fx ({type(exc).__name__}: {first_line(exc)[:160]})"
+        return [], report
+    steps: list[FoldStep] = []
+    # Normalizers after their layer first, then affines before theirs: a layer may take both.
+    for node in g.module_nodes():
+        planned = _plan_output_fold(g, node, model)
+        if isinstance(planned, FoldStep):
+            steps.append(planned)
+        elif planned is not None:
+            report.not_folded.append(planned)
+    for node in g.module_nodes():
+        if isinstance(g.modules[node.target], _NORMS):
+            step, note = _plan_affine_fold(g, node)
+            steps += [step] if step is not None else []
+            report.not_folded.append(note)
+    return steps, report
+
+
+def apply_folds(model: nn.Module, steps: list[FoldStep], *, inplace: bool = False) -> nn.Module:
+    """Carry out planned folds, on a copy of the modules involved unless ``inplace``; returns the model."""
+    if not steps:
+        return model
+    if not inplace:
+        model = copy_paths(model, {s.norm for s in steps} | {s.into for s in steps})
+    for step in steps:
+        layer = model.get_submodule(step.into)
+        if FOLD_KINDS[step.kind] == "after":
+            _fold_output_affine(layer, step.scale, step.shift)
+        else:
+            _fold_input_affine(layer, step.scale, step.shift)
+        model = set_submodule(model, step.norm, _without_norm(model.get_submodule(step.norm), step.kind))
     return model
 
 
 def fold_model(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, FoldReport]:
     """Fold eval-mode per-channel affine normalizers into the conv/linear before them, then GroupNorm/LayerNorm
     affines into the conv/linear after them. Returns the model (a copy unless ``inplace``) and a report."""
-    report = FoldReport()
-    try:
-        graph = trace(model)
-    except Exception as exc:  # noqa: BLE001 - fx raises many kinds of errors on untraceable code
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        report.skipped = f"the model cannot be traced by torch.fx ({type(exc).__name__}: {first[:160]})"
-        return model, report
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-
-    plan_out: list[tuple[str, str, torch.Tensor, torch.Tensor, str]] = []
-    plan_in: list[tuple[str, str, torch.Tensor, torch.Tensor, str]] = []
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        name = node.target
-        module = modules[name]
-        if isinstance(module, _NORMS):
-            continue
-        bn_like = _is_bn_like(module)
-        if isinstance(module, _FOLD_INTO) or not (
-            bn_like
-            or next(module.parameters(recurse=False), None) is not None
-            or next(module.buffers(recurse=False), None) is not None
-        ):
-            continue
-        producer = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        prev = modules.get(producer.target) if producer is not None and producer.op == "call_module" else None
-        if not isinstance(prev, _FOLD_INTO):
-            if bn_like:
-                report.not_folded.append(
-                    {"name": name, "reason": "its input is not the output of a conv or linear layer"}
-                )
-            continue
-        if module.training:
-            report.not_folded.append({"name": name, "reason": "it is in training mode (call model.eval())"})
-            continue
-        if len(_users(producer)) > 1:
-            others = ", ".join(
-                str(u.target if u.op == "call_module" else u.name) for u in _users(producer) if u is not node
-            )
-            report.not_folded.append({"name": name, "reason": f"the output of {producer.target} also feeds {others}"})
-            continue
-        if calls.get(name, 0) > 1 or calls.get(producer.target, 0) > 1:
-            report.not_folded.append({"name": name, "reason": "the module or its conv is called more than once"})
-            continue
-        channels = prev.out_channels if hasattr(prev, "out_channels") else prev.out_features
-        ndim = prev.weight.ndim - 2
-        affine = per_channel_affine(module, channels, ndim, prev.weight.dtype)
-        if affine is None:
-            if bn_like:
-                reason = "it is not a per-channel affine map in eval mode (no running statistics?)"
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
-                    reason = "it has no running statistics (track_running_stats=False): it normalizes each batch"
-                report.not_folded.append({"name": name, "reason": reason})
-            continue
-        plan_out.append((name, producer.target, affine[0], affine[1], _module_kind(name, module, model)))
-
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _NORMS):
-            continue
-        name, norm = node.target, modules[node.target]
-        stats = "its statistics depend on the input at inference"
-        users = _users(node)
-        if not getattr(norm, "elementwise_affine", getattr(norm, "affine", False)) or norm.weight is None:
-            report.not_folded.append({"name": name, "reason": f"{stats}; it has no affine to fold"})
-            continue
-        if len(users) != 1:
-            report.not_folded.append(
-                {"name": name, "reason": f"{stats}; its output has {len(users)} users, so its affine stays"}
-            )
-            continue
-        user = users[0]
-        nxt = modules.get(user.target) if user.op == "call_module" else None
-        if not isinstance(nxt, _FOLD_INTO):
-            if user.op == "call_module":
-                what = f"{user.target} ({type(modules[user.target]).__name__})"
-            else:
-                what = getattr(user.target, "__name__", str(user.target))
-            report.not_folded.append(
-                {
-                    "name": name,
-                    "reason": f"{stats}; {what} stands between it and the next conv/linear, so its affine stays",
-                }
-            )
-            continue
-        why = _norm_affine_foldable(norm, nxt)
-        if why is None and calls.get(user.target, 0) > 1:
-            why = "the next layer is called more than once"
-        if why:
-            report.not_folded.append({"name": name, "reason": f"{stats}; {why}"})
-            continue
-        kind = "groupnorm-affine" if isinstance(norm, nn.GroupNorm) else "layernorm-affine"
-        plan_in.append(
-            (
-                name,
-                user.target,
-                norm.weight.detach().double(),
-                norm.bias.detach().double() if norm.bias is not None else None,
-                kind,
-            )
-        )
-        report.not_folded.append({"name": name, "reason": f"{stats}; only its affine was folded into {user.target}"})
-
-    if not plan_out and not plan_in:
-        return model, report
-    if not inplace:
-        touched = (
-            {p[0] for p in plan_out} | {p[1] for p in plan_out} | {p[0] for p in plan_in} | {p[1] for p in plan_in}
-        )
-        model = _shallow_copy_tree(model, touched)
-        for target in touched:
-            model = _set_submodule(model, target, _copy_module(model.get_submodule(target)))
-    for norm_name, into, a, b, kind in plan_out:
-        layer = model.get_submodule(into)
-        _fold_output_affine(layer, a, b)
-        model = _set_submodule(model, norm_name, nn.Identity())
-        report.folded.append({"norm": norm_name, "into": into, "kind": kind})
-    for norm_name, into, gamma, beta, kind in plan_in:
-        layer = model.get_submodule(into)
-        _fold_input_affine(layer, gamma, beta if beta is not None else torch.zeros_like(gamma))
-        norm = model.get_submodule(norm_name)
-        if isinstance(norm, nn.GroupNorm):
-            plain = nn.GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps, affine=False)
-        else:
-            plain = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
-        model = _set_submodule(model, norm_name, plain.to(gamma.device))
-        report.folded.append({"norm": norm_name, "into": into, "kind": kind})
+    steps, report = plan_folds(model)
+    model = apply_folds(model, steps, inplace=inplace)
+    report.folded = [s.record() for s in steps]
     return model, report
+
+
+def restore_fold_structure(model: nn.Module, folded: Iterable[Folded | Mapping[str, str]]) -> nn.Module:
+    """Give a freshly built (and baked) model the module structure a folded checkpoint was saved with, so that
+    its state dict loads: folded normalizers become Identity (or lose their affine), their layers gain a bias."""
+    for entry in folded:
+        norm_name, into, kind = (
+            (entry["norm"], entry["into"], entry["kind"])
+            if isinstance(entry, Mapping)
+            else (entry.norm, entry.into, entry.kind)
+        )
+        layer = model.get_submodule(into)
+        if layer.bias is None:
+            transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+            out = layer.weight.shape[1] * layer.groups if transposed else layer.weight.shape[0]
+            layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype), requires_grad=False)
+        model = set_submodule(model, norm_name, _without_norm(model.get_submodule(norm_name), kind))
+    return model

@@ -264,13 +264,12 @@ def identify_formula(
     per_channel: dict[str, torch.Tensor],
     scalars: dict[str, float],
     eps_hints: list[float],
-) -> tuple[Formula, float] | None:
+) -> Formula | None:
     """Find the formula that turns each raw weight into the derived one observed with it, or None when none fits.
 
     ``observations`` are (raw, derived) pairs, the real weight first; ``per_channel`` holds the layer's other
     tensors with one value per output channel (gains, AWS gamma/beta), ``scalars`` its numeric attributes,
-    ``eps_hints`` eps values read from the instance (preferred among equal fits). Returns the formula and its
-    relative misfit on the real weight.
+    ``eps_hints`` eps values read from the instance (preferred among equal fits).
     """
     raw0, derived0 = observations[0]
     if raw0.shape != derived0.shape or raw0.ndim < 2:
@@ -345,11 +344,11 @@ def identify_formula(
     for _err, _, formula in sorted((s for s in scored if s[0] <= floor), key=lambda s: (s[1][1], s[1][0])):
         scale = per_channel.get(formula.scale_tensor) if formula.scale_tensor else None
         shift = per_channel.get(formula.shift_tensor) if formula.shift_tensor else None
-        misfits = []
+        fits = True
         for raw, derived in observations:
             target = derived.detach().to(torch.float64)
             rebuilt = standardize(raw, formula, scale, shift)
-            misfits.append((rebuilt - target).abs().max().item() / target.abs().max().item())
-        if all(m <= tol for m in misfits):
-            return formula, misfits[0]
+            fits = fits and (rebuilt - target).abs().max().item() / target.abs().max().item() <= tol
+        if fits:
+            return formula
     return None

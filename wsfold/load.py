@@ -11,14 +11,14 @@ import pickle
 import sys
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, OptionError, PickleRefusedError, SourceError
+from .errors import ArchitectureError, OptionError, PickleRefusedError, SourceError, first_line
 
 STATE_KEYS = (
     "state_dict",
@@ -45,10 +45,6 @@ class LoadedModel:
     kind: str  # "state_dict" | "module"
     state_key: str | None = None
     manifest: dict[str, Any] | None = None  # present when SOURCE is a wsfold-baked safetensors file
-    notes: list[str] = field(default_factory=list)
-
-    def sha256(self) -> str:
-        return file_sha256(self.source)
 
 
 def file_sha256(path: Path) -> str:
@@ -93,7 +89,7 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dic
         text = str(exc)
         if "Weights only load failed" not in text:
             raise SourceError(
-                f"{path} is not a readable PyTorch checkpoint ({text.splitlines()[0]}).", "fetch the checkpoint again."
+                f"{path} is not a readable PyTorch checkpoint ({first_line(exc)}).", "fetch the checkpoint again."
             ) from None
         if not allow_pickle:
             raise PickleRefusedError(
@@ -102,13 +98,13 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dic
             ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise SourceError(
-            f"{path} is truncated or corrupt ({str(exc).splitlines()[0]}).", "fetch the checkpoint again."
+            f"{path} is truncated or corrupt ({first_line(exc)}).", "fetch the checkpoint again."
         ) from None
     try:
         return _torch_load(path, weights_only=False, mmap=head.startswith(b"PK")), None
     except Exception as exc:  # noqa: BLE001 - unpickling arbitrary user objects can raise anything
         raise SourceError(
-            f"{path} could not be unpickled ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).",
+            f"{path} could not be unpickled ({type(exc).__name__}: {first_line(exc)}).",
             "make the classes it was saved with importable (PYTHONPATH), or save a state dict and use --arch.",
         ) from None
 
@@ -136,7 +132,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise SourceError(
-            f"{path} is not a valid safetensors file ({str(exc).splitlines()[0]}).", "fetch the checkpoint again."
+            f"{path} is not a valid safetensors file ({first_line(exc)}).", "fetch the checkpoint again."
         ) from None
     return tensors, metadata
 

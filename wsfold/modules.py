@@ -1,10 +1,28 @@
-"""The one non-torch.nn module a baked model may hold: TF-"SAME" padding whose amount depends on the input size."""
+"""TF-"SAME" padding: its arithmetic, and the one non-torch.nn module a baked model may hold (for padding whose
+amount depends on the input size)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def same_total(size, kernel: int, stride: int, dilation: int):
+    """Total TF-"SAME" padding of one dimension, before clamping at 0. Plain arithmetic, so that it works on an
+    int, a SymInt under torch.export and a 0-d tensor under torch.jit tracing alike."""
+    return (size + stride - 1) // stride * stride - stride + (kernel - 1) * dilation + 1 - size
+
+
+def tf_same_pad(
+    size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[int, ...]:
+    """TF "SAME" padding for a static input size, in F.pad order (last spatial dim first)."""
+    pads: list[int] = []
+    for n, k, s, d in zip(reversed(size), reversed(kernel), reversed(stride), reversed(dilation)):
+        total = max(same_total(n, k, s, d), 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
 
 
 class SamePad(nn.Module):
@@ -25,10 +43,7 @@ class SamePad(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads: list = []
         for i in range(1, len(self.kernel_size) + 1):
-            size = x.shape[-i]
-            k, s, d = self.kernel_size[-i], self.stride[-i], self.dilation[-i]
-            need = (size + s - 1) // s * s - s + (k - 1) * d + 1 - size
-            # int in eager, SymInt under torch.export, a 0-d tensor under torch.jit tracing
+            need = same_total(x.shape[-i], self.kernel_size[-i], self.stride[-i], self.dilation[-i])
             total = need.clamp(min=0) if isinstance(need, torch.Tensor) else torch.sym_max(need, 0)
             pads += [total // 2, total - total // 2]
         return F.pad(x, pads, value=self.value)

@@ -5,24 +5,29 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import __version__
 from .bake import BakeReport
-from .errors import OutputError
-from .io import atomic_path, check_output
+from .errors import OutputError, first_line
 from .load import MANIFEST_KEY
+from .paths import atomic_path, check_output
+
+if TYPE_CHECKING:
+    from .fold import FoldReport
+    from .pipeline import Prepared
 
 SUFFIXES = (".pt", ".safetensors")
 
 
-def manifest(report: BakeReport, fold_report=None) -> dict:
+def manifest(report: BakeReport | None, fold_report: FoldReport | None = None) -> dict:
     """Each baked key, the tensor it came from, formula and eps, what was folded, and the wsfold version."""
     return {
         "wsfold_version": __version__,
-        "folded": list(fold_report.folded) if fold_report is not None else [],
+        "folded": [f.to_dict() for f in fold_report.folded] if fold_report is not None else [],
         "layers": [
             {
                 "name": b.layer.name,
@@ -33,29 +38,35 @@ def manifest(report: BakeReport, fold_report=None) -> dict:
                 "formula": b.layer.formula_name,
                 "eps": b.layer.eps,
             }
-            for b in report.baked
+            for b in (report.baked if report is not None else [])
         ],
     }
 
 
 def save_baked(
-    model: nn.Module,
-    report: BakeReport,
+    model: nn.Module | Prepared,
     out: str | Path,
     *,
+    bake_report: BakeReport | None = None,
+    fold_report: FoldReport | None = None,
     force: bool = False,
-    source: Path | None = None,
-    fold_report=None,
+    source: str | Path | None = None,
 ) -> Path:
-    """Save ``model`` to ``out`` (format from the suffix) atomically; return the path."""
-    out = check_output(Path(out), force=force, source=source, suffixes=SUFFIXES)
+    """Save a baked model (or the result of :func:`wsfold.prepare`, which brings its reports and source) to
+    ``out`` atomically, the format from the suffix; returns the path. The reports go into a .safetensors
+    manifest."""
+    from .pipeline import Prepared
+
+    if isinstance(model, Prepared):
+        model, bake_report, fold_report, source = model.model, model.bake, model.fold, source or model.source
+    out = check_output(Path(out), force=force, source=Path(source) if source else None, suffixes=SUFFIXES)
     with atomic_path(out) as tmp:
         if out.suffix == ".pt":
             try:
                 torch.save(model, tmp)
             except (pickle.PicklingError, AttributeError, TypeError) as exc:
                 raise OutputError(
-                    f"the baked model cannot be pickled whole ({type(exc).__name__}: {str(exc).splitlines()[0]}).",
+                    f"the baked model cannot be pickled whole ({type(exc).__name__}: {first_line(exc)}).",
                     f"write a state dict instead: -o {out.with_suffix('.safetensors')}.",
                 ) from None
         else:
@@ -69,5 +80,5 @@ def save_baked(
                 t = t.detach()
                 tensors[key] = t.clone().contiguous() if ident in seen or not t.is_contiguous() else t
                 seen[ident] = key
-            save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(report, fold_report))})
+            save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(bake_report, fold_report))})
     return out

@@ -12,13 +12,19 @@ import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import VerifyInputError
+from .errors import VerifyInputError, first_line
+from .modeltree import model_dtype, set_submodule, structural_copy
+from .probe import own_tensors, probe_shapes, run_probe
+
+if TYPE_CHECKING:
+    from .detect import Detection
+    from .pipeline import Prepared
 
 ORT_LEVELS = {
     "disable": "ORT_DISABLE_ALL",
@@ -119,33 +125,32 @@ def ort_session(path: Path, level: str = "all"):
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise VerifyInputError(
-            f"onnxruntime cannot load {path} ({str(exc).splitlines()[0]}).", "re-export it with `wsfold export`."
+            f"onnxruntime cannot load {path} ({first_line(exc)}).", "re-export it with `wsfold export`."
         ) from None
 
 
-def float64_reference(model: nn.Module, detection) -> tuple[nn.Module, list[str]]:
+def float64_reference(model: nn.Module, detection: Detection) -> tuple[nn.Module, list[str]]:
     """A float64 copy of the original model that computes the same function as at its own dtype.
 
     A layer whose math depends on the input dtype (eps 1e-5 for float32, 1e-3 otherwise) would compute another
     function in float64: such layers get their weight from the formula observed at the model's dtype instead.
     Returns the copy and the names of the layers so replaced.
     """
-    from .bake import _set_submodule, build_plain
-    from .detect import OPS, _own_tensors, _probe_shapes, _run_probe
+    from .bake import build_plain
     from .formulas import standardize
 
-    model64 = copy.deepcopy(model).double().eval()
+    model64 = structural_copy(model, torch.float64).eval()
     replaced = []
     for layer in detection.layers:
+        module = model.get_submodule(layer.name) if layer.name else model
         module64 = model64.get_submodule(layer.name) if layer.name else model64
         expected = None
         if layer.formula is not None:
-            own = _own_tensors(model.get_submodule(layer.name) if layer.name else model)
+            own = own_tensors(module)
             expected = standardize(own[layer.source_param], layer.formula, *layer.formula.affine_tensors(own))
         try:
-            shape = _probe_shapes(module64, torch.empty(layer.weight_shape))[0][0]
-            _, rec, _ = _run_probe(module64, shape, torch.float64, 0)
-            got = next(c.args["weight"] for c in rec.calls if c.op in OPS)
+            run = run_probe(module64, probe_shapes(module64, layer.weight_shape)[0][0], torch.float64, 0)
+            got = run.ops[0].args["weight"]
         except Exception:  # noqa: BLE001 - fall back to the observed formula
             got = None
         reference = expected if expected is not None else layer.observed_weight.double()
@@ -155,8 +160,8 @@ def float64_reference(model: nn.Module, detection) -> tuple[nn.Module, list[str]
                 continue
         plain_layer = copy.copy(layer)
         plain_layer.dtype = torch.float64
-        new, _ = build_plain(model.get_submodule(layer.name) if layer.name else model, plain_layer)
-        model64 = _set_submodule(model64, layer.name, new.double())
+        new, _ = build_plain(module, plain_layer)
+        model64 = set_submodule(model64, layer.name, new.double())
         replaced.append(layer.name)
     return model64, replaced
 
@@ -294,7 +299,7 @@ def load_inputs(path: Path, session) -> list[dict[str, np.ndarray]]:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file
         raise VerifyInputError(
-            f"--inputs {path} is unreadable ({str(exc).splitlines()[0]}).", "write it with numpy.savez."
+            f"--inputs {path} is unreadable ({first_line(exc)}).", "write it with numpy.savez."
         ) from None
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -311,7 +316,7 @@ def _run_checks(session, model, model64, feeds, rule, unit, onnx_names) -> list[
 
     checks: list[OutputCheck] = []
     for feed in feeds:
-        args = tuple(torch.from_numpy(feed[i.name]).to(_model_dtype(model)) for i in session.get_inputs())
+        args = tuple(torch.from_numpy(feed[i.name]).to(model_dtype(model)) for i in session.get_inputs())
         with torch.no_grad():
             ref_names, ref = flatten_outputs(model(*args))
             _, ref64 = flatten_outputs(model64(*(a.double() for a in args)))
@@ -353,15 +358,11 @@ def _run_session(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, feed)
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
 def verify_onnx(
-    model: nn.Module,
+    model: nn.Module | Prepared,
     onnx_path: str | Path,
     *,
-    detection=None,
+    detection: Detection | None = None,
     samples: int = 3,
     seed: int = 0,
     input_shapes: list[tuple[int, ...]] | None = None,
@@ -372,10 +373,17 @@ def verify_onnx(
     per_layer: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> VerificationResult:
-    """Compare ``onnx_path`` with the original ``model`` (unbaked, as loaded from SOURCE)."""
+    """Compare ``onnx_path`` with the original ``model`` (unbaked, as loaded from SOURCE), or with the original of
+    a :func:`wsfold.prepare` result (whose detection and baked model are then reused). ``model`` is not changed."""
     from .detect import detect_layers
     from .export import declared_input_shape
+    from .pipeline import Prepared
 
+    prepared = model if isinstance(model, Prepared) else None
+    if prepared is not None:
+        if prepared.original is None:
+            raise ValueError("verify_onnx needs the original model: call prepare(..., keep_original=True)")
+        model, detection = prepared.original, prepared.detection
     onnx_path = Path(onnx_path)
     if not onnx_path.exists():
         raise VerifyInputError(f"{onnx_path}: no such ONNX file.", "run `wsfold export SOURCE --onnx PATH` first.")
@@ -383,9 +391,10 @@ def verify_onnx(
         raise VerifyInputError(f"--ort-opt-level {ort_opt_level!r} is not one of {', '.join(ORT_LEVELS)}.", "use all.")
     if samples < 1:
         raise VerifyInputError(f"--samples {samples} must be at least 1.", "use --samples 3.")
-    model.eval()
     if detection is None:
         detection = detect_layers(model)
+    original = model
+    model = structural_copy(model).eval()
     if progress:
         progress("float64 reference")
     model64, _ = float64_reference(model, detection)
@@ -395,7 +404,7 @@ def verify_onnx(
         if inputs_file
         else sample_inputs(session, input_shapes, samples, seed, declared_input_shape(model))
     )
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
     onnx_dtype = _NP_DTYPES.get(session.get_inputs()[0].type, np.float32)
     unit = float(np.finfo(onnx_dtype).eps) / 2 if dtype != torch.bfloat16 else float(torch.finfo(dtype).eps) / 2
     unit = max(unit, torch.finfo(dtype).eps / 2)
@@ -417,7 +426,7 @@ def verify_onnx(
     if per_layer:
         if progress:
             progress("compare initializers per layer")
-        result.layers = compare_layers(model, detection, onnx_path)
+        result.layers = compare_layers(original, detection, onnx_path, prepared=prepared)
     if not all(c.passed for c in checks) and ort_opt_level != "disable":
         if progress:
             progress("re-run with onnxruntime optimizations disabled")
@@ -437,22 +446,35 @@ def verify_onnx(
     return result
 
 
-def compare_layers(model: nn.Module, detection, onnx_path: Path) -> list[LayerCheck]:
+def _baked_candidates(original: nn.Module, detection: Detection, fold_state: str | None, prepared: Prepared | None):
+    """The baked model(s) a graph may have been exported from: folded or not as its metadata says (both when it
+    says nothing), reusing the prepared model where its folding matches."""
+    from .bake import bake_model
+    from .fold import fold_model
+
+    wanted = {"1": [True], "0": [False]}.get(fold_state or "", [True, False])
+    baked = None
+    for folded in wanted:
+        if prepared is not None and prepared.folded == folded:
+            yield prepared.model
+            continue
+        if baked is None:
+            baked, _ = bake_model(original, detection)
+        yield fold_model(baked)[0] if folded else baked
+
+
+def compare_layers(
+    model: nn.Module, detection: Detection, onnx_path: Path, *, prepared: Prepared | None = None
+) -> list[LayerCheck]:
     """Each conv/linear weight and bias of the baked model against the ONNX initializer it became (by name, else
     the closest initializer of that shape fed to a Conv/Gemm in the same role), so a wrong weight is named by
-    the layer it belongs to."""
+    the layer it belongs to. The baked model is folded as the graph's metadata says (``wsfold_fold``); a graph
+    that does not say is compared with both and judged by the closer."""
     import onnx
     from onnx import numpy_helper
 
-    from .bake import bake_model
-
-    baked, report = bake_model(model, detection)
     proto = onnx.load(str(onnx_path))
-    # Compare against what export wrote: folded unless the graph says it was exported with --no-fold.
-    if {p.key: p.value for p in proto.metadata_props}.get("wsfold_fold", "1") == "1":
-        from .fold import fold_model
-
-        baked, _ = fold_model(baked)
+    fold_state = {p.key: p.value for p in proto.metadata_props}.get("wsfold_fold")
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     roles: dict[int, dict[tuple, list[str]]] = {1: {}, 2: {}}
     for node in proto.graph.node:
@@ -461,6 +483,17 @@ def compare_layers(model: nn.Module, detection, onnx_path: Path) -> list[LayerCh
                 if len(node.input) > idx and node.input[idx] in inits:
                     name = node.input[idx]
                     roles[idx].setdefault(tuple(inits[name].shape), []).append(name)
+    del proto
+    best: list[LayerCheck] | None = None
+    for baked in _baked_candidates(model, detection, fold_state, prepared):
+        checks = _layer_checks(baked, detection, inits, roles)
+        if best is None or sum(c.passed for c in checks) > sum(c.passed for c in best):
+            best = checks
+    return best or []
+
+
+def _layer_checks(baked: nn.Module, detection: Detection, inits: dict[str, np.ndarray], roles) -> list[LayerCheck]:
+    layers = sorted((layer.name for layer in detection.layers), key=len, reverse=True)
     checks = []
     for name, module in baked.named_modules():
         if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
@@ -481,6 +514,7 @@ def compare_layers(model: nn.Module, detection, onnx_path: Path) -> list[LayerCh
             scale = float(np.abs(expected).max()) or 1.0
             dtype = inits[init_name].dtype
             tol = 2 * float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
-            owner = next((b.layer.name for b in report.baked if key in (b.weight_key, b.bias_key)), name)
+            # A baked layer may have become Sequential(pad, conv): its tensors belong to the layer it replaced.
+            owner = next((n for n in layers if name == n or name.startswith(n + ".") or n == ""), name)
             checks.append(LayerCheck(owner, key, init_name, err, err / scale, bool(err <= tol * scale)))
     return checks

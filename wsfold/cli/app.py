@@ -64,13 +64,19 @@ def _emit_json(payload: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _load(source: Path, arch, arch_kwargs, state_key, allow_pickle, stages):
-    from ..load import load_model
+def _prepare(source: Path, arch, arch_kwargs, state_key, allow_pickle, stages, *, fold=True, keep_original=False):
+    from ..pipeline import prepare
 
-    done = stages.step(f"load {source.name}")
-    loaded = load_model(source, arch=arch, arch_kwargs=arch_kwargs, state_key=state_key, allow_pickle=allow_pickle)
-    done()
-    return loaded
+    return prepare(
+        source,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        state_key=state_key,
+        allow_pickle=allow_pickle,
+        fold=fold,
+        keep_original=keep_original,
+        progress=stages.reporter(),
+    )
 
 
 @app.command()
@@ -91,16 +97,13 @@ def inspect(
     from . import render
 
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
-        _, detection, _, _, fold_report = _prepare(
-            source, arch, arch_kwargs, state_key, allow_pickle, not no_fold, stages
-        )
-    payload = {"source": str(source), **detection.to_dict(), **fold_report.to_dict()}
+        prepared = _prepare(source, arch, arch_kwargs, state_key, allow_pickle, stages, fold=not no_fold)
     if json_output:
-        _emit_json(payload)
+        _emit_json(prepared.to_dict())
     elif not quiet:
         console = _stdout()
-        render.detection(console, source, detection)
-        render.folding(console, fold_report, would=True)
+        render.detection(console, source, prepared.detection)
+        render.folding(console, prepared.fold, would=True)
 
 
 @app.command()
@@ -127,28 +130,24 @@ def bake(
     progress: ShowProgress = False,
 ) -> None:
     """Write a checkpoint whose weight-standardized layers are plain layers holding the exact standardized weights."""
-    from ..io import check_output
+    from ..paths import check_output
     from ..save import SUFFIXES, save_baked
     from . import render
 
     out = output or source.with_name(f"{source.name.split('.')[0]}.baked.pt")
     check_output(out, force=force, source=source, suffixes=SUFFIXES)
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
-        _, detection, baked, report, fold_report = _prepare(
-            source, arch, arch_kwargs, state_key, allow_pickle, not no_fold, stages
-        )
-        done = stages.step(f"write {out.name}")
-        save_baked(baked, report, out, force=force, source=source, fold_report=fold_report)
-        done()
-    payload = {"source": str(source), "output": str(out), **detection.to_dict(), **fold_report.to_dict()}
+        prepared = _prepare(source, arch, arch_kwargs, state_key, allow_pickle, stages, fold=not no_fold)
+        stages.sequence()(f"write {out.name}")
+        save_baked(prepared, out, force=force)
     if json_output:
-        _emit_json(payload)
+        _emit_json({**prepared.to_dict(), "output": str(out)})
     elif not quiet:
         console = _stdout()
-        render.detection(console, source, detection)
-        render.folding(console, fold_report, would=False)
+        render.detection(console, source, prepared.detection)
+        render.folding(console, prepared.fold, would=False)
         console.print(
-            f"wrote {out} ({len(report.baked)} layer(s) baked, {len(fold_report.folded)} normalizer(s) folded)"
+            f"wrote {out} ({len(prepared.bake.baked)} layer(s) baked, {len(prepared.fold.folded)} normalizer(s) folded)"
         )
 
 
@@ -198,20 +197,17 @@ def verify(
     progress: ShowProgress = False,
 ) -> None:
     """Check with onnxruntime that the ONNX graph computes what SOURCE computes. Exit 1 when it does not."""
-    from ..detect import detect_layers
     from ..export import parse_shape
-    from ..io import atomic_path
+    from ..paths import atomic_path
     from ..verify import verify_onnx
     from . import render
 
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
-        loaded = _load(source, arch, arch_kwargs, state_key, allow_pickle, stages)
-        detection = detect_layers(loaded.model, progress=stages.stage("probe layers"))
+        prepared = _prepare(source, arch, arch_kwargs, state_key, allow_pickle, stages, keep_original=True)
         result = verify_onnx(
-            loaded.model,
+            prepared,
             onnx_path,
-            detection=detection,
             samples=samples,
             seed=seed,
             input_shapes=shapes,
@@ -234,23 +230,6 @@ def verify(
         if quiet or json_output:
             print(f"wsfold: verification failed: {result.cause}.", file=sys.stderr)
         raise typer.Exit(EXIT_VERIFY_FAILED)
-
-
-def _prepare(source, arch, arch_kwargs, state_key, allow_pickle, fold, stages):
-    """load -> detect -> bake -> fold: the pipeline every command starts with."""
-    from ..bake import bake_model
-    from ..fold import FoldReport, fold_model
-
-    loaded = _load(source, arch, arch_kwargs, state_key, allow_pickle, stages)
-    # Each layer is baked as soon as it is probed, from the weight the probe already standardized.
-    baked, report = bake_model(loaded.model, inplace=True, progress=stages.stage("probe layers"))
-    detection = report.detection
-    fold_report = FoldReport(skipped="--no-fold")
-    if fold:
-        done = stages.step("fold normalizers")
-        baked, fold_report = fold_model(baked, inplace=True)
-        done()
-    return loaded, detection, baked, report, fold_report
 
 
 def _dtype(name: str | None):
@@ -298,19 +277,16 @@ def export(
     progress: ShowProgress = False,
 ) -> None:
     """Bake SOURCE in memory (if needed) and write an ONNX graph whose every weight is a constant."""
-    from ..export import export_onnx, resolve_input_shapes
-    from ..io import check_output
-    from ..load import file_sha256
+    from ..export import export_onnx, parse_shape
+    from ..paths import check_output
 
     check_output(onnx_path, force=force, source=source, suffixes=(".onnx",))
     dtype = _dtype(input_dtype)
+    shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
-        loaded, _, baked, report, fold_report = _prepare(
-            source, arch, arch_kwargs, state_key, allow_pickle, not no_fold, stages
-        )
-        shapes = resolve_input_shapes(baked, input_shape)
+        prepared = _prepare(source, arch, arch_kwargs, state_key, allow_pickle, stages, fold=not no_fold)
         result = export_onnx(
-            baked,
+            prepared,
             onnx_path,
             input_shapes=shapes,
             input_dtype=dtype,
@@ -320,24 +296,16 @@ def export(
             opset=opset,
             external_data=True if external_data else None,
             simplify=not no_simplify,
-            baked=len(report.baked) or len((loaded.manifest or {}).get("layers", [])),
-            metadata={
-                "wsfold_source_sha256": file_sha256(source),
-                "wsfold_source": source.name,
-                "wsfold_fold": "0" if no_fold else "1",
-                "wsfold_folded": str(len(fold_report.folded)),
-            },
             force=force,
-            source=source,
             progress=stages.sequence(),
         )
     if json_output:
-        _emit_json({**result.to_dict(), **fold_report.to_dict()})
+        _emit_json({**result.to_dict(), **prepared.fold.to_dict()})
     elif not quiet:
         console = _stdout()
         console.print(
             f"wrote {result.output}: {result.nodes} nodes, {result.initializers} initializers, opset {result.opset}, "
-            f"{result.exporter} exporter, {len(report.baked)} layer(s) baked, {len(fold_report.folded)} folded"
+            f"{result.exporter} exporter, {result.baked} layer(s) baked, {len(prepared.fold.folded)} folded"
             + (", weights in " + result.output.name + ".data" if result.external_data else ""),
             highlight=False,
         )

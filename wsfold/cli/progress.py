@@ -8,37 +8,41 @@ from collections.abc import Callable, Iterator
 
 
 class Stages:
-    """Hands out progress callbacks ``cb(done, total)`` for named stages; no-ops when disabled."""
+    """Turns the core's progress callbacks into one bar a stage; each new stage completes the one before.
+    Every method is a no-op when progress is disabled."""
 
     def __init__(self, progress=None) -> None:
         self._progress = progress
+        self._open = None
 
-    def stage(self, description: str) -> Callable[[int, int], None]:
-        if self._progress is None:
-            return lambda done, total: None
-        task = self._progress.add_task(description, total=None)
+    def _begin(self, description: str):
+        self.finish()
+        self._open = self._progress.add_task(description, total=None)
+        return self._open
 
-        def update(done: int, total: int) -> None:
-            self._progress.update(task, completed=done, total=total)
+    def finish(self) -> None:
+        """Complete the stage still open."""
+        if self._progress is not None and self._open is not None:
+            self._progress.update(self._open, completed=1, total=1)
+        self._open = None
 
-        return update
+    def reporter(self) -> Callable[[str, int, int], None]:
+        """A callback ``cb(stage, done, total)`` (total 0: a stage without a count)."""
+        names: dict[str, object] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if self._progress is None:
+                return
+            if names.get(stage) is None or names[stage] != self._open:
+                names[stage] = self._begin(stage)
+            self._progress.update(names[stage], completed=done, total=total or None)
+
+        return report
 
     def sequence(self) -> Callable[[str], None]:
-        """A callback for a core function that announces its steps by name; each new one completes the last."""
-        current: list[Callable[[], None]] = []
-
-        def announce(description: str) -> None:
-            if current:
-                current.pop()()
-            current.append(self.step(description))
-
-        return announce
-
-    def step(self, description: str):
-        """A stage with no count: shown as a spinner until the next one starts."""
-        cb = self.stage(description)
-        cb(0, 1)
-        return lambda: cb(1, 1)
+        """A callback for a core function that announces its steps by name."""
+        report = self.reporter()
+        return lambda description: report(description, 0, 0)
 
 
 def wants_progress(*, json_output: bool, quiet: bool, forced: bool) -> bool:
@@ -65,4 +69,8 @@ def progress_stages(enabled: bool) -> Iterator[Stages]:
         console=console,
         transient=False,
     ) as progress:
-        yield Stages(progress)
+        stages = Stages(progress)
+        try:
+            yield stages
+        finally:
+            stages.finish()

@@ -96,13 +96,15 @@ def verification(console: Console, result) -> None:
 
 
 def folding(console: Console, report, *, would: bool) -> None:
-    if report.skipped == "--no-fold":
+    from ..fold import NOT_ASKED
+
+    if report.skipped == NOT_ASKED:
         return
     if report.skipped:
         console.print(f"[yellow]folding skipped[/]: {report.skipped}", highlight=False)
         return
     verb = "would fold" if would else "folded"
     for entry in report.folded:
-        console.print(f"{verb} {entry['norm']} into {entry['into']} ({entry['kind']})", highlight=False)
+        console.print(f"{verb} {entry.norm} into {entry.into} ({entry.kind})", highlight=False)
     for entry in report.not_folded:
-        console.print(f"[dim]not folded[/] {entry['name']}: {entry['reason']}", highlight=False)
+        console.print(f"[dim]not folded[/] {entry.name}: {entry.reason}", highlight=False)

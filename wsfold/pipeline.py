@@ -1,0 +1,94 @@
+"""The whole preparation every command starts with, as one call: load -> detect and bake -> fold."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .bake import BakeReport, bake_model
+from .detect import Detection
+from .fold import NOT_ASKED, FoldReport, fold_model
+from .load import LoadedModel, load_model
+
+# progress(stage, done, total): a stage's name and how far it is; total 0 when it has no count.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` returns: the baked (and folded) model, the model as loaded, and what was done."""
+
+    model: nn.Module  # every derived-weight layer baked; normalizers folded unless fold=False
+    original: nn.Module | None  # as loaded (unchanged); None when prepare was asked not to keep it
+    bake: BakeReport
+    fold: FoldReport
+    source: Path | None = None
+    loaded: LoadedModel | None = None
+
+    @property
+    def detection(self) -> Detection:
+        return self.bake.detection
+
+    @property
+    def folded(self) -> bool:
+        """Whether folding ran (whatever it found): the state a graph exported from ``model`` is in."""
+        return self.fold.skipped is None
+
+    @property
+    def baked_layers(self) -> int:
+        """Layers baked here, or by the wsfold run that wrote an already baked SOURCE."""
+        manifest = self.loaded.manifest if self.loaded is not None else None
+        return len(self.bake.baked) or len((manifest or {}).get("layers", []))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": str(self.source) if self.source is not None else None,
+            **self.detection.to_dict(),
+            **self.fold.to_dict(),
+        }
+
+
+def prepare(
+    source: str | Path | nn.Module,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | str | None = None,
+    state_key: str | None = None,
+    allow_pickle: bool = False,
+    fold: bool = True,
+    keep_original: bool = True,
+    progress: Progress | None = None,
+) -> Prepared:
+    """Load SOURCE (a checkpoint path, or an nn.Module you already have), bake every weight-standardized layer
+    into a plain one, and fold inference-static normalizers into them (unless ``fold=False``).
+
+    A model handed in is never changed. With ``keep_original=False`` a checkpoint's model is baked in place and
+    not kept (``original`` is None), which halves peak memory when only the baked model is wanted."""
+    loaded = None
+    path = None
+    if isinstance(source, nn.Module):
+        original, keep_original = source, True
+    else:
+        path = Path(source)
+        _report(progress, f"load {path.name}")
+        loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, state_key=state_key, allow_pickle=allow_pickle)
+        original = loaded.model
+    # Each layer is baked as soon as it is probed, from the weight the probe already standardized.
+    count = None if progress is None else (lambda done, total: progress("probe layers", done, total))
+    baked, bake_report = bake_model(original, inplace=not keep_original, progress=count)
+    fold_report = FoldReport(skipped=NOT_ASKED)
+    if fold:
+        _report(progress, "fold normalizers")
+        baked, fold_report = fold_model(baked, inplace=not keep_original)
+    if loaded is not None and not keep_original:
+        loaded.model = baked
+    return Prepared(baked, original if keep_original else None, bake_report, fold_report, path, loaded)
+
+
+def _report(progress: Progress | None, stage: str) -> None:
+    if progress is not None:
+        progress(stage, 0, 0)
