@@ -148,32 +148,6 @@ def flatten_outputs(out: Any) -> tuple[list[str], list[torch.Tensor]]:
     raise ExportError(f"the model returns a {type(out).__name__}; wsfold exports tensors, tuples and dicts of tensors.")
 
 
-@contextlib.contextmanager
-def _quiet_exporter(notes: list[str]):
-    """torch.onnx prints progress to stdout and warns a lot; keep stdout for our own (JSON) output. Tracer
-    warnings raised in the model's own code (not torch's) are kept as notes: a traced branch may be wrong."""
-    sink = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    torch_dir = str(Path(torch.__file__).parent)
-    try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sink):
-            warnings.simplefilter("always")
-            yield sink
-        for w in caught:
-            if issubclass(w.category, torch.jit.TracerWarning) and not str(w.filename).startswith(torch_dir):
-                note = (
-                    f"tracer warning at {Path(w.filename).name}:{w.lineno}: {str(w.message).split('.')[0]}; run verify"
-                )
-                if note not in notes:
-                    notes.append(note)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def freeze_same_pads(model: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Module:
     """With static spatial dims, TF-SAME padding is a constant: replace each SamePad by the torch.nn pad it
     amounts to at this input size (the exported graph then has no shape arithmetic). Returns a copy."""
