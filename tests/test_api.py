@@ -25,7 +25,10 @@ def snapshot(model: torch.nn.Module) -> dict:
 def test_prepare_bakes_and_folds_a_checkpoint_into_a_model_without_ws_that_matches_the_original():
     prepared = wsfold.prepare(ckpt("ws_bn"), arch=arch_spec("ws_bn"))
     assert [layer.name for layer in prepared.detection.layers] == ["0", "4"]
-    assert [(f.norm, f.into, f.kind) for f in prepared.fold.folded] == [("1", "0", "batchnorm"), ("5", "4", "batchnorm")]
+    assert [(f.norm, f.into, f.kind) for f in prepared.fold.folded] == [
+        ("1", "0", "batchnorm"),
+        ("5", "4", "batchnorm"),
+    ]
     assert detect_layers(prepared.model).layers == []  # nothing weight-standardized is left
     assert isinstance(prepared.model[1], torch.nn.Identity)
     x = fixture_input("ws_bn")

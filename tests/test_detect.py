@@ -7,8 +7,8 @@ import torch
 from conftest import CATALOG, load_fixture
 
 from wsfold.detect import detect_layers
-from wsfold.modules import tf_same_pad
 from wsfold.formulas import Formula, identify_formula, standardize
+from wsfold.modules import tf_same_pad
 
 
 @pytest.mark.parametrize("name", sorted(CATALOG))
