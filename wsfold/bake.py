@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .detect import DerivedLayer, Detection, add_finding, iter_layers
-from .errors import WsfoldError
+from .errors import NonFiniteError, WsfoldError
 from .formulas import standardize_rounded
 from .memory import FilePages
 from .modeltree import copy_path, set_submodule
@@ -145,6 +145,7 @@ def bake_model(
     detection: Detection | None = None,
     *,
     inplace: bool = False,
+    allow_nonfinite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, BakeReport]:
     """Return ``model`` with every detected derived-weight layer replaced by a plain op; the input is untouched
@@ -153,8 +154,9 @@ def bake_model(
 
     Without a ``detection``, each layer is baked as soon as it is found, from the weight its detection already
     computed, so a large model is never held twice and no weight is standardized twice. ``progress`` then
-    counts the modules probed, else the layers baked."""
-    baking = _Baking(model, inplace)
+    counts the modules probed, else the layers baked. A layer whose weight holds NaN or inf raises
+    NonFiniteError unless ``allow_nonfinite`` (then it is baked as it is)."""
+    baking = _Baking(model, inplace, allow_nonfinite)
     if detection is not None:
         for i, layer in enumerate(detection.layers):
             baking.bake(layer)
@@ -182,15 +184,23 @@ class _Baking:
     copied first (so the input model is not reached); all tensors and untouched modules are shared. Each
     replacement takes the train/eval mode of the layer it replaces."""
 
-    def __init__(self, model: nn.Module, inplace: bool) -> None:
+    def __init__(self, model: nn.Module, inplace: bool, allow_nonfinite: bool) -> None:
         self.model = model
         self.inplace = inplace
+        self.allow_nonfinite = allow_nonfinite
         self.copied: dict[str, nn.Module] = {}
         self.baked: list[BakedLayer] = []
 
     def bake(self, layer: DerivedLayer, exact: torch.Tensor | None = None) -> None:
         if any(layer.name.startswith(b.layer.name + ".") or b.layer.name == "" for b in self.baked):
             return  # inside a layer already replaced
+        if layer.nonfinite and not self.allow_nonfinite:
+            raise NonFiniteError(
+                f"layer {layer.name or '(root)'} ({layer.type}): "
+                + next(w for w in layer.warnings if w.startswith("non-finite")).removeprefix("non-finite: ")
+                + "; the baked model would compute NaN.",
+                "fix the checkpoint, or pass --allow-nonfinite to bake the layer as it is.",
+            )
         if not self.inplace and layer.name:
             self.model = copy_path(self.model, layer.name, self.copied)
         module = self.model.get_submodule(layer.name) if layer.name else self.model

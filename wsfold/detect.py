@@ -8,6 +8,7 @@ recorded. A class name only gives the layer a friendly name in the report.
 from __future__ import annotations
 
 import inspect as _inspect
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -105,6 +106,8 @@ class DerivedLayer:
     observed_bias: torch.Tensor | None = field(default=None, repr=False)
     # The layer whose full probes established this one's formula (None: probed fully itself).
     probed_as: str | None = None
+    # NaN/inf values in the weight the layer computes (a NaN in the stored weight, eps 0 on a constant filter).
+    nonfinite: int = 0
 
     @property
     def formula_name(self) -> str:
@@ -133,6 +136,7 @@ class DerivedLayer:
             "padding": _pad_text(self.pad, self.geometry),
             "misfit": self.misfit,
             "probed_as": self.probed_as,
+            "nonfinite": self.nonfinite,
             "warnings": list(self.warnings),
         }
 
@@ -186,9 +190,10 @@ def _is_candidate(module: nn.Module) -> bool:
         return False
     if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
         return True
-    own = [t for t in own_tensors(module).values() if t.is_floating_point() and t.ndim >= 2]
-    has_param_children = any(any(True for _ in c.parameters()) for c in module.children())
-    return bool(own) and not has_param_children
+    # Any other module that owns a floating tensor of rank >= 2 may derive a weight from it, children or not
+    # (mmcv's SAConv2d owns the weight it standardizes and has parameterized children): each one is probed and
+    # ends as derived, unsupported or not probed, never skipped without a word.
+    return any(t.is_floating_point() and t.ndim >= 2 for t in own_tensors(module).values())
 
 
 class _WeightDigest:
@@ -207,7 +212,13 @@ class _WeightDigest:
         self.tensor = w if keep else None
 
     def same_as(self, other: _WeightDigest) -> bool:
-        return self.shape == other.shape and torch.equal(self.subset, other.subset) and self.sums == other.sums
+        """Equal digests; NaN counts as equal to NaN (a weight holding NaN is still the same weight)."""
+        if self.shape != other.shape or self.subset.shape != other.subset.shape:
+            return False
+        a, b = self.subset, other.subset
+        same = (a == b) | (torch.isnan(a) & torch.isnan(b)) if a.is_floating_point() else a == b
+        sums = all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(self.sums, other.sums))
+        return bool(same.all()) and sums
 
 
 def _digest_derived(run: ProbeRun, params: TensorSet, keep: bool = False) -> None:
@@ -504,6 +515,18 @@ class _Prober:
             low = int((rounded.var_b < formula.eps).sum())
             if low:
                 layer.warnings.append(f"{low} filter(s) with variance below eps={formula.eps:g}")
+        layer.nonfinite = int((~torch.isfinite(w0)).sum()) if w0.is_floating_point() else 0
+        if layer.nonfinite:
+            stored = own_tensors(module).get(raw_name) if raw_name else None
+            bad = int((~torch.isfinite(stored)).sum()) if stored is not None else 0
+            cause = (
+                f"{bad} in the stored {raw_name}"
+                if bad
+                else "the stored weight is finite (eps 0 on a constant filter?)"
+            )
+            layer.warnings.append(
+                f"non-finite: the weight it computes holds {layer.nonfinite} NaN/inf value(s) ({cause})"
+            )
         if fan_in < 16:
             layer.warnings.append(f"fan-in {fan_in} < 16: statistics from {fan_in} numbers")
         if not raw_name:

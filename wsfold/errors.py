@@ -29,6 +29,18 @@ class ArchitectureError(WsfoldError):
     """--arch cannot be imported or called, or the checkpoint does not fit the architecture."""
 
 
+class UserCodeError(ArchitectureError):
+    """The user's own code (the --arch callable, a model's forward, a load hook) raised."""
+
+
+class ManifestError(SourceError):
+    """A wsfold-baked file whose manifest is malformed or does not match its tensors."""
+
+
+class NonFiniteError(WsfoldError):
+    """A layer's weight holds NaN or inf; baking it would make the model compute NaN (allow_nonfinite to accept)."""
+
+
 class OutputError(WsfoldError):
     """The output path exists, equals SOURCE, has an unknown suffix, or the model cannot be written in that format."""
 

@@ -12,8 +12,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from torch import nn
 from . import __version__
 from .errors import ExportError, OptionError, first_line
 from .modeltree import copy_paths, model_dtype, structural_copy
-from .paths import check_output
+from .paths import check_output, temp_folder
 
 if TYPE_CHECKING:
     import onnx
@@ -356,33 +354,67 @@ def stamp_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
         entry.key, entry.value = key, str(value)
 
 
-def checked_save(proto: onnx.ModelProto, out: Path, workdir: Path, *, external: bool, force: bool) -> None:
-    """Save into ``workdir``, run onnx.checker's full check on the file, then move it (data file first, graph
-    last: OUT never points at missing data) onto ``out``."""
+def _mark_external(proto: onnx.ModelProto, location: str, threshold: int = 1024) -> None:
+    """Point every initializer of ``threshold`` bytes or more at one external data file. (onnx.save_model's own
+    conversion refuses whenever the working directory happens to hold a file named ``location``.)"""
+    from onnx.external_data_helper import set_external_data
+
+    for tensor in proto.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
+            set_external_data(tensor, location)
+
+
+def checked_save(
+    proto: onnx.ModelProto, out: Path, workdir: Path, *, external: bool, force: bool, keep: Sequence[Path] = ()
+) -> None:
+    """Save into ``workdir``, run onnx.checker's full check on the file, then move it onto ``out``: the data file
+    first, the graph last, so OUT never points at missing data. A stale ``OUT.data`` beside a graph written
+    without external data is removed with --force, unless it is one of the files in ``keep``."""
     import onnx
+
+    from .paths import file_mode, place
 
     final = workdir / out.name
     data_name = f"{out.name}.data"
-    for stale in workdir.glob("*.data"):
-        stale.unlink()
-    onnx.save_model(
-        proto,
-        str(final),
-        save_as_external_data=external,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=1024,
-    )
+    if external:
+        _mark_external(proto, data_name)
+    onnx.save_model(proto, str(final))
     try:
         onnx.checker.check_model(str(final), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker rejects the exported graph: {first_line(exc)}") from None
-    stale_data = out.with_name(data_name)
+    data = out.with_name(data_name)
+    for written in (workdir / data_name, final):
+        if written.exists():
+            os.chmod(written, file_mode())
     if external:
-        os.replace(workdir / data_name, stale_data)
-    elif stale_data.exists() and force:
-        stale_data.unlink()
-    os.replace(final, out)
+        place(workdir / data_name, data, force=force)
+    elif force and data.exists() and not any(_same(data, k) for k in keep):
+        data.unlink()
+    place(final, out, force=force)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_opset(opset: int, exporter: str) -> None:
+    """An opset both torch's exporter and the installed onnx can write."""
+    import onnx
+    from torch.onnx import _constants
+
+    low = 18 if exporter == "dynamo" else _constants.ONNX_MIN_OPSET
+    high = min(onnx.defs.onnx_opset_version(), _constants.ONNX_MAX_OPSET)
+    if exporter == "torchscript":
+        high = min(high, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    if not low <= opset <= high:
+        raise OptionError(
+            f"--opset {opset} is outside what the {exporter} exporter writes ({low} to {high}).",
+            f"use --opset {DEFAULT_OPSET}.",
+        )
 
 
 def provenance(
@@ -437,18 +469,24 @@ def export_onnx(
         prepared = model
         model, bake_report, fold_report = prepared.model, prepared.bake, prepared.fold
         source, baked_count = source or prepared.source, prepared.baked_layers
-    out = check_output(Path(out), force=force, source=Path(source) if source else None, suffixes=(".onnx",))
+    source = Path(source) if source else None
+    out = check_output(Path(out), force=force, source=source, suffixes=(".onnx",), option="--onnx")
+    data_path = out.with_name(f"{out.name}.data")
+    if external_data:
+        check_output(data_path, force=force, source=source, option="--onnx (its external data file)")
     if exporter not in EXPORTERS:
         raise OptionError(
             f"--exporter {exporter!r} is not one of {', '.join(EXPORTERS)}.", "use --exporter torchscript or dynamo."
         )
+    check_opset(opset, exporter)
     shapes = resolve_input_shapes(model, input_shapes)
     traced = trace_inputs(model, shapes, input_dtype, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
     notes = traced.notes
     external = traced.weight_bytes() > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    if external and not external_data:
+        check_output(data_path, force=force, source=source, option="--onnx (its external data file)")
 
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with temp_folder(out) as tmpdir:
         raw_path = tmpdir / "exported.onnx"
         if progress:
             progress(f"torch.onnx.export ({exporter})")
@@ -472,15 +510,14 @@ def export_onnx(
         # (pad construction, shape arithmetic).
         passes = rewrite_and_audit(proto, fold=simplify and exporter == "torchscript")
         proto = passes.model
-        stamp_metadata(proto, provenance(bake_report, fold_report, Path(source) if source else None, baked_count))
+        stamp_metadata(proto, provenance(bake_report, fold_report, source, baked_count))
         if progress:
             progress("onnx.checker (full check)")
         nodes, initializers = len(proto.graph.node), len(proto.graph.initializer)
-        checked_save(proto, out, tmpdir, external=external, force=force)
         guards, deduped = passes.pad_guards, passes.deduplicated
-        del proto, passes  # the graph can be as large as the model: not kept past the save
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        del passes
+        checked_save(proto, out, tmpdir, external=external, force=force, keep=[p for p in (source,) if p])
+        del proto  # the graph can be as large as the model: not kept past the save
     return ExportResult(
         output=out,
         nodes=nodes,

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, OptionError, PickleRefusedError, SourceError, first_line
+from .errors import (
+    ArchitectureError,
+    ManifestError,
+    OptionError,
+    PickleRefusedError,
+    SourceError,
+    UserCodeError,
+    first_line,
+)
 
 STATE_KEYS = (
     "state_dict",
@@ -176,6 +184,37 @@ def find_state_dict(obj: Any, state_key: str | None, path: Path) -> tuple[dict[s
     )
 
 
+def check_tensors(tensors: Mapping[Any, Any], path: Path) -> None:
+    """What no architecture can run: non-string keys, sparse or otherwise non-dense tensors."""
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise SourceError(
+                f"{path} has a state-dict key that is not a string ({key!r}, a {type(key).__name__}).",
+                "save the model's state_dict() as it is; its keys are parameter names.",
+            )
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+            raise SourceError(
+                f"{path}: tensor {key} is stored as {str(value.layout).removeprefix('torch.')}, not dense.",
+                "save dense tensors (tensor.to_dense()).",
+            )
+
+
+def _check_one_dtype(params: Mapping[str, torch.Tensor]) -> None:
+    """Parameters of several floating dtypes cannot run together (a conv refuses a float16 bias for a float32
+    input): name two that differ."""
+    first: dict[torch.dtype, str] = {}
+    for key, t in params.items():
+        if t.is_floating_point():
+            first.setdefault(t.dtype, key)
+    if len(first) > 1:
+        (da, ka), (db, kb) = list(first.items())[:2]
+        raise SourceError(
+            f"the checkpoint mixes floating dtypes: {ka} is {str(da).removeprefix('torch.')}, "
+            f"{kb} is {str(db).removeprefix('torch.')}.",
+            "cast the whole checkpoint to one dtype (model.half() or model.float()) before saving it.",
+        )
+
+
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "_orig_mod."):
         if sd and all(k.startswith(prefix) for k in sd):
@@ -192,22 +231,7 @@ def resolve_arch(spec: str) -> Callable[..., Any]:
             "add ':callable'.",
         )
     if target.endswith(".py"):
-        file = Path(target)
-        if not file.is_file():
-            raise ArchitectureError(f"--arch file {file} does not exist.", "check the path before ':'.")
-        # Import by file stem with its folder on sys.path, so a pickled baked model can find its classes again.
-        folder = str(file.resolve().parent)
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-        module_name = file.stem
-        existing = sys.modules.get(module_name)
-        if existing is not None and Path(getattr(existing, "__file__", "") or "").resolve() != file.resolve():
-            spec_obj = importlib.util.spec_from_file_location(f"wsfold_arch_{module_name}", file)
-            module = importlib.util.module_from_spec(spec_obj)
-            sys.modules[spec_obj.name] = module
-            spec_obj.loader.exec_module(module)
-        else:
-            module = _import(module_name, spec)
+        module = _import_file(Path(target), spec)
     else:
         module = _import(target, spec)
     obj = module
@@ -231,6 +255,49 @@ def _import(name: str, spec: str):
         raise ArchitectureError(
             f"--arch {spec!r}: cannot import {name} ({exc}).", "install the package or pass path/to/file.py:callable."
         ) from None
+    except Exception as exc:  # noqa: BLE001 - the user's module raised while being imported
+        raise UserCodeError(
+            f"--arch {spec!r}: importing {name} raised {type(exc).__name__}: {first_line(exc)}.",
+            "fix the module (it runs as the architecture's code).",
+        ) from None
+
+
+def _import_file(file: Path, spec: str):
+    """Import the arch file itself (not whatever its stem finds first on sys.path). Its folder goes at the end of
+    sys.path, so that the file's own sibling imports work but a sibling never shadows a package wsfold imports
+    (a stray onnx.py beside the file); it is registered under its stem, so a pickled baked model finds its
+    classes again, unless that name belongs to another module."""
+    if not file.is_file():
+        raise ArchitectureError(f"--arch file {file} does not exist.", "check the path before ':'.")
+    resolved = file.resolve()
+    name = file.stem
+    existing = sys.modules.get(name)
+    if existing is not None and Path(getattr(existing, "__file__", "") or "").resolve() == resolved:
+        return existing
+    try:
+        taken = existing is not None or importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        taken = True
+    if taken:
+        name = f"wsfold_arch_{name}"
+    folder = str(resolved.parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
+    spec_obj = importlib.util.spec_from_file_location(name, resolved)
+    module = importlib.util.module_from_spec(spec_obj)
+    sys.modules[name] = module
+    try:
+        spec_obj.loader.exec_module(module)
+    except BaseException as exc:
+        sys.modules.pop(name, None)
+        if not isinstance(exc, Exception):
+            raise
+        where = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) and exc.lineno else ""
+        raise UserCodeError(
+            f"--arch file {file} could not be imported: {type(exc).__name__}{where}: {first_line(exc)}.",
+            "fix the file (it runs as the architecture's code).",
+        ) from None
+    return module
 
 
 def _has_meta_tensors(model: nn.Module) -> bool:
@@ -252,11 +319,9 @@ def build_and_load(spec: str, kwargs, sd: Mapping[str, torch.Tensor], manifest: 
         try:
             with torch.device(device):
                 model = build_arch(spec, kwargs)
-        except ArchitectureError:
-            raise
-        except Exception:  # noqa: BLE001 - some constructors cannot run on meta; the CPU build is the fallback
+        except UserCodeError:
             if device == "meta":
-                continue
+                continue  # some constructors cannot run on meta; the CPU build is the fallback
             raise
         if manifest is not None:
             # A wsfold-baked state dict: rebuild the baked structure from the architecture, then fill it.
@@ -266,17 +331,15 @@ def build_and_load(spec: str, kwargs, sd: Mapping[str, torch.Tensor], manifest: 
             if device == "meta":
                 continue  # baking needs to run the layers
             model.eval()
-            model, _ = bake_model(model, inplace=True)
+            model, _ = bake_model(model, inplace=True, allow_nonfinite=True)
             model = restore_fold_structure(model, manifest.get("folded", []))
         if device == "cpu":
             load_strict(model, sd, spec)
             return model
         try:
             load_strict(model, sd, spec)
-        except ArchitectureError:
-            raise
-        except Exception:  # noqa: BLE001 - a load hook that computes on its buffers cannot run on meta
-            continue
+        except UserCodeError:
+            continue  # a load hook that computes on its buffers cannot run on meta: the CPU build decides
         if not _has_meta_tensors(model):
             return model
     raise AssertionError("unreachable")
@@ -287,6 +350,10 @@ def build_arch(spec: str, kwargs: dict[str, Any] | str | None = None) -> nn.Modu
     if isinstance(kwargs, str):
         try:
             kwargs = json.loads(kwargs) if kwargs.strip() else {}
+        except RecursionError:
+            raise OptionError(
+                "--arch-kwargs is nested too deeply to read.", "pass a flat object such as '{\"num_classes\": 10}'."
+            ) from None
         except json.JSONDecodeError as exc:
             raise OptionError(
                 f"--arch-kwargs is not valid JSON ({exc}).", "pass an object such as '{\"num_classes\": 10}'."
@@ -298,7 +365,13 @@ def build_arch(spec: str, kwargs: dict[str, Any] | str | None = None) -> nn.Modu
         model = fn(**(kwargs or {}))
     except TypeError as exc:
         raise ArchitectureError(
-            f"--arch {spec!r} could not be called with {kwargs or {}} ({exc}).", "fix --arch-kwargs."
+            f"--arch {spec!r} could not be called with {_short(kwargs or {})} ({first_line(exc)}).",
+            "fix --arch-kwargs.",
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - the user's callable raised
+        raise UserCodeError(
+            f"--arch {spec!r}: {getattr(fn, '__qualname__', spec)}() raised {type(exc).__name__}: {first_line(exc)}.",
+            "fix the architecture code or --arch-kwargs.",
         ) from None
     if not isinstance(model, nn.Module):
         raise ArchitectureError(
@@ -306,6 +379,11 @@ def build_arch(spec: str, kwargs: dict[str, Any] | str | None = None) -> nn.Modu
             "point at a callable that builds the model.",
         )
     return model
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _describe_misfit(missing: list[str], unexpected: list[str], shapes: list[str], spec: str) -> ArchitectureError:
@@ -335,9 +413,77 @@ def load_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], spec: str) -> 
     ]
     if shapes:
         raise _describe_misfit([], [], shapes, spec)
-    result = model.load_state_dict(sd, strict=False, assign=True)
+    for k, v in expected.items():
+        if k in sd and v.is_floating_point() and not sd[k].is_floating_point():
+            raise SourceError(
+                f"checkpoint tensor {k} is {str(sd[k].dtype).removeprefix('torch.')} where --arch {spec} expects "
+                f"floating point.",
+                "the file holds other weights than the architecture's (quantized, or written wrongly).",
+            )
+    params = {k for k, _ in model.named_parameters()}
+    _check_one_dtype({k: v for k, v in sd.items() if k in params})
+    try:
+        result = model.load_state_dict(sd, strict=False, assign=True)
+    except Exception as exc:  # noqa: BLE001 - the model's own load hooks run here
+        raise UserCodeError(
+            f"loading the checkpoint into --arch {spec} raised {type(exc).__name__}: {first_line(exc)}.",
+            "check --arch and --arch-kwargs against how the checkpoint was trained.",
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         raise _describe_misfit(list(result.missing_keys), list(result.unexpected_keys), [], spec)
+
+
+def _check_module(model: nn.Module, path: Path) -> None:
+    check_tensors(dict(model.named_parameters()), path)
+    _check_one_dtype(dict(model.named_parameters()))
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (the manifest's record of a baked tensor)."""
+    flat = t.detach().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy() if flat.numel() else b"").hexdigest()
+
+
+def read_manifest(metadata: Mapping[str, str] | None, sd: Mapping[str, torch.Tensor], path: Path) -> dict | None:
+    """The manifest of a wsfold-baked .safetensors file, checked: well-formed, and every baked tensor's digest
+    matching the tensor in the file (a manifest is a claim that the weights are baked; it is not believed
+    unchecked). None for a file without one."""
+    from .fold import FOLD_KINDS
+
+    if not metadata or MANIFEST_KEY not in metadata:
+        return None
+
+    def malformed(why: str) -> ManifestError:
+        return ManifestError(
+            f"{path}: its wsfold manifest is malformed ({why}).",
+            "re-bake the original checkpoint with `wsfold bake`, or remove the 'wsfold' metadata.",
+        )
+
+    try:
+        manifest = json.loads(metadata[MANIFEST_KEY])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise malformed(f"not JSON: {first_line(exc)}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), list):
+        raise malformed("not an object with a list of layers")
+    for entry in manifest.get("folded", []) or []:
+        if not (isinstance(entry, dict) and {"norm", "into", "kind"} <= set(entry) and entry["kind"] in FOLD_KINDS):
+            raise malformed(f"a folded entry {str(entry)[:80]!r} is not one wsfold writes")
+    for entry in manifest["layers"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("digests"), dict):
+            raise malformed("a layer without tensor digests (written by an older wsfold?)")
+        for key, digest in entry["digests"].items():
+            if key not in sd:
+                raise ManifestError(
+                    f"{path}: its manifest names tensor {key}, which the file does not hold.",
+                    "re-bake the original checkpoint with `wsfold bake`.",
+                )
+            if tensor_digest(sd[key]) != digest:
+                raise ManifestError(
+                    f"{path}: tensor {key} does not match the digest its wsfold manifest records; the file's weights "
+                    "are not the ones wsfold baked.",
+                    "re-bake the original checkpoint with `wsfold bake` (a manifest is never trusted unchecked).",
+                )
+    return manifest
 
 
 def load_model(
@@ -352,20 +498,25 @@ def load_model(
     path = Path(source)
     obj, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
     if isinstance(obj, nn.Module):
+        _check_module(obj, path)
         obj.eval()
         return LoadedModel(obj, path, "module")
     if isinstance(obj, Mapping) and not state_key:
         for key in STATE_KEYS:
             if isinstance(obj.get(key), nn.Module):
+                _check_module(obj[key], path)
                 obj[key].eval()
                 return LoadedModel(obj[key], path, "module", state_key=key)
+    if isinstance(obj, Mapping):
+        check_tensors(obj, path)
     sd, found_key = find_state_dict(obj, state_key, path)
+    check_tensors(sd, path)
     if arch is None:
         raise ArchitectureError(
             f"{path} holds a state dict ({len(sd)} tensors) and wsfold needs the architecture to run it.",
             "pass --arch package.module:callable or --arch path/to/file.py:callable (with --arch-kwargs JSON).",
         )
-    manifest = json.loads(metadata[MANIFEST_KEY]) if metadata and MANIFEST_KEY in metadata else None
+    manifest = read_manifest(metadata, sd, path)
     del obj
     model = build_and_load(arch, arch_kwargs, sd, manifest)
     del sd

@@ -1,49 +1,145 @@
-"""Output paths: refuse to clobber, never touch SOURCE, write atomically (temp file in the same folder, then rename)."""
+"""Output paths: every file wsfold writes goes through the same checks before any work starts, and is written to
+a temporary name beside it, then moved into place without ever replacing a file it was not allowed to."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import OutputError
 
+# Temporary names are short and fixed in length, so that any output name the file system allows also allows them.
+TEMP_PREFIX = ".wsfold-"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file, through links and relative parts alike."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
 
 def check_output(
-    out: Path, *, force: bool, source: Path | None = None, suffixes: tuple[str, ...] | None = None
+    out: str | Path,
+    *,
+    force: bool,
+    source: str | Path | None = None,
+    inputs: Iterable[str | Path | None] = (),
+    suffixes: tuple[str, ...] | None = None,
+    option: str = "-o",
 ) -> Path:
-    """Validate an output path before any work is done."""
+    """Validate an output path before any work is done: a known suffix, not one of the inputs (SOURCE, the ONNX
+    file being verified, the arch file; through links), a folder that exists and is writable, a name the file
+    system allows, and no existing file unless ``force``. ``option`` names the flag in messages."""
     out = Path(out)
     if suffixes and out.suffix not in suffixes:
         raise OutputError(
-            f"{out}: unknown output format {out.suffix or '(no suffix)'!r}.", f"use one of: {', '.join(suffixes)}."
+            f"{option} {out}: unknown output format {out.suffix or '(no suffix)'!r}.",
+            f"use one of: {', '.join(suffixes)}.",
         )
-    if source is not None and out.exists() and Path(source).exists() and out.resolve() == Path(source).resolve():
-        raise OutputError(f"{out} is SOURCE itself; wsfold never overwrites its input.", "choose another path with -o.")
+    for given in (source, *inputs):
+        if given is not None and _same_file(out, Path(given)):
+            what = "SOURCE itself" if given is source else f"an input ({given})"
+            raise OutputError(
+                f"{option} {out} is {what}; wsfold never overwrites its input.", f"choose another path for {option}."
+            )
+    parent = out.parent
+    if not parent.exists():
+        raise OutputError(f"{option} {out}: folder {parent} does not exist.", "create it first or choose another path.")
+    if not parent.is_dir():
+        raise OutputError(f"{option} {out}: {parent} is a file, not a folder.", "choose a path inside a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {out}: folder {parent} is not writable.", "choose a folder you can write to.")
+    limit = _name_max(parent)
+    if len(os.fsencode(out.name)) > limit:
+        raise OutputError(
+            f"{option} {out}: the file name is {len(os.fsencode(out.name))} bytes, over this file system's "
+            f"limit of {limit}.",
+            "choose a shorter name.",
+        )
     if out.is_dir():
-        raise OutputError(f"{out} is a directory.", "give a file path with -o.")
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists.", "pass --force to replace it, or choose another path with -o.")
-    if not out.parent.exists():
-        raise OutputError(f"folder {out.parent} does not exist.", "create it first or choose another path.")
+        raise OutputError(f"{option} {out} is a directory.", f"give a file path with {option}.")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise OutputError(f"{option} {out} already exists.", "pass --force to replace it, or choose another path.")
     return out
 
 
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain open() would give a new file: 0666 less the umask (mkstemp's own is 0600)."""
+    return 0o666 & ~_umask()
+
+
+def place(tmp: Path, out: Path, *, force: bool) -> None:
+    """Move a finished temporary file onto ``out``. Without ``force`` a file that appeared at ``out`` meanwhile
+    (another run, another user) is never replaced: a hard link fails on an existing name, where a rename would
+    silently replace it."""
+    if force:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise OutputError(
+            f"{out} already exists (it was written while wsfold was working).",
+            "pass --force to replace it, or choose another path.",
+        ) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        # A file system without hard links: the last check and the rename are then two steps.
+        if out.exists():
+            raise OutputError(f"{out} already exists.", "pass --force to replace it.") from None
+        os.replace(tmp, out)
+        return
+    tmp.unlink()
+
+
 @contextlib.contextmanager
-def atomic_path(out: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``out``; rename it onto ``out`` only if the block succeeds, else remove it."""
+def atomic_path(out: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``out``; once the block succeeds, give it the usual file mode and move it
+    onto ``out`` (see place). On any failure or interruption the temporary file is removed."""
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp_path, out)
-    except BaseException:
+        os.chmod(tmp_path, file_mode())
+        place(tmp_path, out, force=force)
+    finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        raise
+
+
+@contextlib.contextmanager
+def temp_folder(beside: Path) -> Iterator[Path]:
+    """A temporary folder beside ``beside`` (same file system, so its files can be moved into place), removed
+    with whatever it holds when the block ends, however it ends."""
+    folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=Path(beside).parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

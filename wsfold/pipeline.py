@@ -61,13 +61,15 @@ def prepare(
     allow_pickle: bool = False,
     fold: bool = True,
     keep_original: bool = True,
+    allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> Prepared:
     """Load SOURCE (a checkpoint path, or an nn.Module you already have), bake every weight-standardized layer
     into a plain one, and fold inference-static normalizers into them (unless ``fold=False``).
 
     A model handed in is never changed. With ``keep_original=False`` a checkpoint's model is baked in place and
-    not kept (``original`` is None), which halves peak memory when only the baked model is wanted."""
+    not kept (``original`` is None), which halves peak memory when only the baked model is wanted. A layer whose
+    weight holds NaN or inf raises NonFiniteError unless ``allow_nonfinite``."""
     loaded = None
     path = None
     if isinstance(source, nn.Module):
@@ -79,7 +81,9 @@ def prepare(
         original = loaded.model
     # Each layer is baked as soon as it is probed, from the weight the probe already standardized.
     count = None if progress is None else (lambda done, total: progress("probe layers", done, total))
-    baked, bake_report = bake_model(original, inplace=not keep_original, progress=count)
+    baked, bake_report = bake_model(
+        original, inplace=not keep_original, allow_nonfinite=allow_nonfinite, progress=count
+    )
     fold_report = FoldReport(skipped=NOT_ASKED)
     if fold:
         _report(progress, "fold normalizers")

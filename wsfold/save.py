@@ -23,8 +23,14 @@ if TYPE_CHECKING:
 SUFFIXES = (".pt", ".safetensors")
 
 
-def manifest(report: BakeReport | None, fold_report: FoldReport | None = None) -> dict:
-    """Each baked key, the tensor it came from, formula and eps, what was folded, and the wsfold version."""
+def manifest(
+    report: BakeReport | None, fold_report: FoldReport | None = None, tensors: dict[str, torch.Tensor] | None = None
+) -> dict:
+    """Each baked key, the tensor it came from, formula and eps, what was folded, and the wsfold version; with
+    ``tensors`` (what is written), the sha256 of each baked tensor, checked when the file is loaded."""
+    from .load import tensor_digest
+
+    tensors = tensors or {}
     return {
         "wsfold_version": __version__,
         "folded": [f.to_dict() for f in fold_report.folded] if fold_report is not None else [],
@@ -37,6 +43,7 @@ def manifest(report: BakeReport | None, fold_report: FoldReport | None = None) -
                 "type": b.layer.type,
                 "formula": b.layer.formula_name,
                 "eps": b.layer.eps,
+                "digests": {k: tensor_digest(tensors[k]) for k in (b.weight_key, b.bias_key) if k in tensors},
             }
             for b in (report.baked if report is not None else [])
         ],
@@ -60,7 +67,7 @@ def save_baked(
     if isinstance(model, Prepared):
         model, bake_report, fold_report, source = model.model, model.bake, model.fold, source or model.source
     out = check_output(Path(out), force=force, source=Path(source) if source else None, suffixes=SUFFIXES)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, force=force) as tmp:
         if out.suffix == ".pt":
             try:
                 torch.save(model, tmp)
@@ -80,5 +87,7 @@ def save_baked(
                 t = t.detach()
                 tensors[key] = t.clone().contiguous() if ident in seen or not t.is_contiguous() else t
                 seen[ident] = key
-            save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(bake_report, fold_report))})
+            save_file(
+                tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(bake_report, fold_report, tensors))}
+            )
     return out

@@ -459,7 +459,7 @@ def _baked_candidates(original: nn.Module, detection: Detection, fold_state: str
             yield prepared.model
             continue
         if baked is None:
-            baked, _ = bake_model(original, detection)
+            baked, _ = bake_model(original, detection, allow_nonfinite=True)
         yield fold_model(baked)[0] if folded else baked
 
 

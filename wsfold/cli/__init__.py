@@ -5,5 +5,7 @@ from __future__ import annotations
 
 def main() -> None:
     from .app import app
+    from .errors import install_signal_handlers
 
+    install_signal_handlers()
     app()

@@ -48,6 +48,13 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but er
 ShowProgress = Annotated[
     bool, typer.Option("--progress", help="Show progress bars even when stderr is not a terminal.")
 ]
+AllowNonfinite = Annotated[
+    bool,
+    typer.Option(
+        "--allow-nonfinite",
+        help="Bake layers whose weight holds NaN or inf as they are (refused otherwise: the model computes NaN).",
+    ),
+]
 NoFold = Annotated[
     bool, typer.Option("--no-fold", help="Do not fold inference-static normalizers into the baked layers.")
 ]
@@ -64,7 +71,18 @@ def _emit_json(payload: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _prepare(source: Path, arch, arch_kwargs, state_key, allow_pickle, stages, *, fold=True, keep_original=False):
+def _prepare(
+    source: Path,
+    arch,
+    arch_kwargs,
+    state_key,
+    allow_pickle,
+    stages,
+    *,
+    fold=True,
+    keep_original=False,
+    allow_nonfinite=False,
+):
     from ..pipeline import prepare
 
     return prepare(
@@ -75,8 +93,15 @@ def _prepare(source: Path, arch, arch_kwargs, state_key, allow_pickle, stages, *
         allow_pickle=allow_pickle,
         fold=fold,
         keep_original=keep_original,
+        allow_nonfinite=allow_nonfinite,
         progress=stages.reporter(),
     )
+
+
+def _arch_file(arch: str | None) -> Path | None:
+    """The file an --arch path/to/file.py:callable names (an input that no output may replace)."""
+    target = (arch or "").rpartition(":")[0]
+    return Path(target) if target.endswith(".py") else None
 
 
 @app.command()
@@ -97,7 +122,9 @@ def inspect(
     from . import render
 
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
-        prepared = _prepare(source, arch, arch_kwargs, state_key, allow_pickle, stages, fold=not no_fold)
+        prepared = _prepare(
+            source, arch, arch_kwargs, state_key, allow_pickle, stages, fold=not no_fold, allow_nonfinite=True
+        )
     if json_output:
         _emit_json(prepared.to_dict())
     elif not quiet:
@@ -124,6 +151,7 @@ def bake(
     arch_kwargs: ArchKwargs = None,
     state_key: StateKey = None,
     allow_pickle: AllowPickle = False,
+    allow_nonfinite: AllowNonfinite = False,
     no_fold: NoFold = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
@@ -135,9 +163,18 @@ def bake(
     from . import render
 
     out = output or source.with_name(f"{source.name.split('.')[0]}.baked.pt")
-    check_output(out, force=force, source=source, suffixes=SUFFIXES)
+    check_output(out, force=force, source=source, inputs=[_arch_file(arch)], suffixes=SUFFIXES)
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
-        prepared = _prepare(source, arch, arch_kwargs, state_key, allow_pickle, stages, fold=not no_fold)
+        prepared = _prepare(
+            source,
+            arch,
+            arch_kwargs,
+            state_key,
+            allow_pickle,
+            stages,
+            fold=not no_fold,
+            allow_nonfinite=allow_nonfinite,
+        )
         stages.sequence()(f"write {out.name}")
         save_baked(prepared, out, force=force)
     if json_output:
@@ -182,12 +219,18 @@ def verify(
     ] = None,
     rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance for the allclose rule.")] = None,
     per_layer: Annotated[
-        bool, typer.Option("--per-layer", help="Compare every baked initializer with the original layer's weight.")
-    ] = False,
+        bool,
+        typer.Option(
+            "--per-layer/--no-per-layer",
+            help="Compare every baked initializer with the weight of the layer it came from (exact, cheap; on by "
+            "default).",
+        ),
+    ] = True,
     ort_opt_level: Annotated[
         str, typer.Option("--ort-opt-level", help="onnxruntime graph optimizations: disable, basic, extended, all.")
     ] = "all",
     report: Annotated[Path | None, typer.Option("--report", help="Also write the JSON report to this file.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the --report file if it exists.")] = False,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     state_key: StateKey = None,
@@ -198,13 +241,19 @@ def verify(
 ) -> None:
     """Check with onnxruntime that the ONNX graph computes what SOURCE computes. Exit 1 when it does not."""
     from ..export import parse_shape
-    from ..paths import atomic_path
+    from ..paths import atomic_path, check_output
     from ..verify import verify_onnx
     from . import render
 
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
+    if report is not None:
+        check_output(
+            report, force=force, source=source, inputs=[onnx_path, _arch_file(arch), inputs], option="--report"
+        )
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
-        prepared = _prepare(source, arch, arch_kwargs, state_key, allow_pickle, stages, keep_original=True)
+        prepared = _prepare(
+            source, arch, arch_kwargs, state_key, allow_pickle, stages, keep_original=True, allow_nonfinite=True
+        )
         result = verify_onnx(
             prepared,
             onnx_path,
@@ -220,7 +269,7 @@ def verify(
         )
     payload = {"source": str(source), "onnx": str(onnx_path), **result.to_dict()}
     if report is not None:
-        with atomic_path(report) as tmp:
+        with atomic_path(report, force=force) as tmp:
             tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     if json_output:
         _emit_json(payload)
@@ -272,6 +321,7 @@ def export(
     arch_kwargs: ArchKwargs = None,
     state_key: StateKey = None,
     allow_pickle: AllowPickle = False,
+    allow_nonfinite: AllowNonfinite = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
     progress: ShowProgress = False,
@@ -280,11 +330,24 @@ def export(
     from ..export import export_onnx, parse_shape
     from ..paths import check_output
 
-    check_output(onnx_path, force=force, source=source, suffixes=(".onnx",))
+    inputs = [_arch_file(arch)]
+    check_output(onnx_path, force=force, source=source, inputs=inputs, suffixes=(".onnx",), option="--onnx")
+    if external_data:
+        data = onnx_path.with_name(f"{onnx_path.name}.data")
+        check_output(data, force=force, source=source, inputs=inputs, option="--onnx (its external data file)")
     dtype = _dtype(input_dtype)
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
-        prepared = _prepare(source, arch, arch_kwargs, state_key, allow_pickle, stages, fold=not no_fold)
+        prepared = _prepare(
+            source,
+            arch,
+            arch_kwargs,
+            state_key,
+            allow_pickle,
+            stages,
+            fold=not no_fold,
+            allow_nonfinite=allow_nonfinite,
+        )
         result = export_onnx(
             prepared,
             onnx_path,
@@ -300,9 +363,12 @@ def export(
             progress=stages.sequence(),
         )
     if json_output:
-        _emit_json({**result.to_dict(), **prepared.fold.to_dict()})
+        _emit_json({**result.to_dict(), **prepared.to_dict()})
     elif not quiet:
+        from . import render
+
         console = _stdout()
+        render.skipped(console, prepared.detection)
         console.print(
             f"wrote {result.output}: {result.nodes} nodes, {result.initializers} initializers, opset {result.opset}, "
             f"{result.exporter} exporter, {result.baked} layer(s) baked, {len(prepared.fold.folded)} folded"

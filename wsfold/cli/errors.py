@@ -1,9 +1,10 @@
-"""The one place where exceptions become exit codes."""
+"""The one place where exceptions become exit codes, and where signals become a clean interruption."""
 
 from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -15,11 +16,38 @@ EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_INPUT = 2
 EXIT_INTERNAL = 3
+# An interrupted run exits 128 + the signal's number, as a shell reports it: 130 for Ctrl-C (SIGINT), 143 for
+# SIGTERM (timeout, kill, docker stop, CI cancellation), 129 for SIGHUP.
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal, raised where the program is so that every cleanup (temporary files and folders) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    # A second signal must not interrupt the cleanup the first one started.
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C does (Python's default only does so for SIGINT)."""
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _on_signal)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """WsfoldError -> one stderr line and its exit code; any other exception is a bug: exit 3 with its location
-    (the whole traceback with WSFOLD_DEBUG=1)."""
+    """WsfoldError -> one stderr line and its exit code; a stop signal -> 128 + its number; a closed stdout (e.g.
+    `| head -1`) -> 141 as for SIGPIPE, quietly; any other exception is a bug: exit 3 with its location (the whole
+    traceback with WSFOLD_DEBUG=1)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -32,9 +60,16 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except WsfoldError as exc:
             print(f"wsfold: error: {' '.join(str(exc).split())}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            print("wsfold: interrupted; no output was written.", file=sys.stderr)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            name = signal.Signals(signum).name
+            print(f"wsfold: interrupted ({name}); no output was written.", file=sys.stderr)
+            raise typer.Exit(128 + signum) from None
+        except BrokenPipeError:
+            # Whoever read stdout has gone; nothing more can be said there. Silence the flush at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(128 + signal.SIGPIPE) from None
         except Exception as exc:  # noqa: BLE001 - the bug boundary
             if os.environ.get("WSFOLD_DEBUG"):
                 traceback.print_exc()

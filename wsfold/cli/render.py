@@ -34,10 +34,7 @@ def detection(console: Console, source: Path, det) -> None:
     console.print(table)
     for line in warnings:
         console.print(f"[yellow]warning[/] {line}", highlight=False)
-    for u in det.unsupported:
-        console.print(f"[yellow]unsupported[/] {u.name} ({u.type}): {u.reason}; left as it is")
-    for u in det.unprobed:
-        console.print(f"[dim]not probed[/] {u.name} ({u.type}): {u.reason}")
+    skipped(console, det)
     formulas: dict[str, int] = {}
     for layer in det.layers:
         formulas[layer.formula_name] = formulas.get(layer.formula_name, 0) + 1
@@ -47,6 +44,19 @@ def detection(console: Console, source: Path, det) -> None:
         + (f" ({summary})" if summary else "")
         + f", {len(det.unsupported)} unsupported, {len(det.unprobed)} not probed"
     )
+
+
+def skipped(console: Console, det) -> None:
+    """One warning line for every layer left as it is: unsupported, or not probed."""
+    for u in det.unsupported:
+        console.print(
+            f"[yellow]warning[/] unsupported {u.name or '(root)'} ({u.type}): {u.reason}; left as it is",
+            highlight=False,
+        )
+    for u in det.unprobed:
+        console.print(
+            f"[yellow]warning[/] not probed {u.name or '(root)'} ({u.type}): {u.reason}; left as it is", highlight=False
+        )
 
 
 def verification(console: Console, result) -> None:
