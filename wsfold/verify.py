@@ -9,6 +9,7 @@ the original model is in its own precision. --atol/--rtol replace it with allclo
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,9 +55,15 @@ class OutputCheck:
     allowed: float = 0.0
     passed: bool = True
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    judged_per: str = "tensor"  # "channel" when each output channel was held to its own scale
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "index"}
+
+    def warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
 
 
 @dataclass
@@ -67,6 +74,7 @@ class LayerCheck:
     max_abs_error: float
     max_rel_error: float
     passed: bool
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +92,12 @@ class VerificationResult:
     cause: str | None = None
     hint: str | None = None
     input_shapes: list[list[int]] = field(default_factory=list)
+    reference: str = ""  # what the graph was compared against
+    notes: list[str] = field(default_factory=list)  # warnings that are not about one output
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.notes + [f"{o.name}: {w}" for o in self.outputs for w in o.warnings]
 
     @property
     def passed(self) -> bool:
@@ -112,6 +126,8 @@ class VerificationResult:
             "layers": [layer.to_dict() for layer in self.layers],
             "cause": self.cause,
             "hint": self.hint,
+            "reference": self.reference,
+            "warnings": self.warnings,
         }
 
 
@@ -196,24 +212,61 @@ def _compare(o: np.ndarray, r: torch.Tensor, r64: torch.Tensor, check: OutputChe
     e_ref = float((r32 - ref64).abs().max()) if diff.numel() else 0.0
     check.onnx_vs_float64 = max(check.onnx_vs_float64, e_onnx)
     check.reference_vs_float64 = max(check.reference_vs_float64, e_ref)
-    ok, allowed, what = rule(o64, r32, e_onnx, e_ref, scale, unit)
+    if ref64.numel() and scale == 0.0:
+        check.warn("the checkpoint's output is all zero on these inputs: agreement on it proves little")
+    elif ref64.numel() > 1 and float(ref64.max() - ref64.min()) == 0.0:
+        check.warn("the checkpoint's output is constant on these inputs: agreement on it proves little")
+    ok, allowed, what = rule(o64, r32, ref64, unit, check)
     check.allowed = max(check.allowed, allowed)
     if not ok:
         check.passed = False
         check.problems.append(what)
 
 
-def _default_rule(o64, r32, e_onnx, e_ref, scale, unit):
+# Below this many values a channel's own float32 error is too noisy an estimate: the output is judged whole.
+MIN_CHANNEL_VALUES = 64
+
+
+def _by_channel(t: torch.Tensor) -> torch.Tensor:
+    """(channels, values): dim 1 of a batched output as the channels."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _default_rule(o64, r32, ref64, unit, check):
+    """|onnx - float64| <= SAFETY * |original - float64| + FLOOR ulp of the scale, per output channel when the
+    channels are large enough to estimate their own error (so that a channel of small scale cannot hide an
+    error behind a channel of large scale), else over the whole output."""
+    e_onnx = float((o64 - ref64).abs().max()) if o64.numel() else 0.0
+    e_ref = float((r32 - ref64).abs().max()) if o64.numel() else 0.0
+    scale = float(ref64.abs().max()) if o64.numel() else 0.0
     allowed = SAFETY * e_ref + FLOOR_ULPS * unit * scale
+    if o64.ndim < 2 or o64.shape[1] < 2 or o64.numel() // o64.shape[1] < MIN_CHANNEL_VALUES:
+        return (
+            e_onnx <= allowed,
+            allowed,
+            f"ONNX error vs float64 {e_onnx:.3g} exceeds {allowed:.3g} (original's own error {e_ref:.3g})",
+        )
+    check.judged_per = "channel"
+    err_c = _by_channel((o64 - ref64).abs()).amax(dim=1)
+    ref_c = _by_channel((r32 - ref64).abs()).amax(dim=1)
+    scale_c = _by_channel(ref64.abs()).amax(dim=1)
+    # A channel may always err as much as its share of the whole output's error (its scale over the output's).
+    share = e_ref * scale_c / scale if scale > 0 else torch.zeros_like(scale_c)
+    allowed_c = SAFETY * torch.maximum(ref_c, share) + FLOOR_ULPS * unit * scale_c
+    over = err_c - allowed_c
+    worst = int(over.argmax())
+    if float(over[worst]) <= 0:
+        return True, allowed, ""
     return (
-        e_onnx <= allowed,
+        False,
         allowed,
-        f"ONNX error vs float64 {e_onnx:.3g} exceeds {allowed:.3g} (original's own error {e_ref:.3g})",
+        f"channel {worst}: ONNX error vs float64 {float(err_c[worst]):.3g} exceeds {float(allowed_c[worst]):.3g} "
+        f"(channel scale {float(scale_c[worst]):.3g}, the original's own error there {float(ref_c[worst]):.3g})",
     )
 
 
 def _allclose_rule(atol: float, rtol: float):
-    def rule(o64, r32, e_onnx, e_ref, scale, unit):
+    def rule(o64, r32, ref64, unit, check):
         excess = (o64 - r32).abs() - (atol + rtol * r32.abs())
         worst = float(excess.max()) if excess.numel() else -1.0
         return worst <= 0, atol, f"not allclose(atol={atol:g}, rtol={rtol:g}): exceeds by up to {worst:.3g}"
@@ -308,6 +361,23 @@ def load_inputs(path: Path, session) -> list[dict[str, np.ndarray]]:
             f"key the arrays by the graph's input names: {', '.join(names)}.",
         )
     types = {i.name: _NP_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
+    for n in names:
+        a = arrays[n]
+        if a.dtype.kind not in "biuf":
+            raise VerifyInputError(
+                f"--inputs {path}: array {n!r} holds {a.dtype} values, not numbers.", "store numeric arrays."
+            )
+        if a.size == 0:
+            raise VerifyInputError(
+                f"--inputs {path}: array {n!r} is empty (shape {list(a.shape)}); nothing would be compared.",
+                "store at least one sample (batch >= 1).",
+            )
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise VerifyInputError(
+                f"--inputs {path}: array {n!r} holds {int((~np.isfinite(a)).sum())} NaN/inf value(s); the "
+                "comparison would not be about the graph.",
+                "store finite inputs.",
+            )
     return [{n: arrays[n].astype(types[n]) for n in names}]
 
 
@@ -316,11 +386,26 @@ def _run_checks(session, model, model64, feeds, rule, unit, onnx_names) -> list[
 
     checks: list[OutputCheck] = []
     for feed in feeds:
+        _check_feed(session, feed)
         args = tuple(torch.from_numpy(feed[i.name]).to(model_dtype(model)) for i in session.get_inputs())
-        with torch.no_grad():
-            ref_names, ref = flatten_outputs(model(*args))
-            _, ref64 = flatten_outputs(model64(*(a.double() for a in args)))
-        outs = _run_session(session, feed)
+        try:
+            with torch.no_grad():
+                ref_names, ref = flatten_outputs(model(*args))
+                _, ref64 = flatten_outputs(model64(*(a.double() for a in args)))
+        except Exception as exc:  # noqa: BLE001 - the user's model, on the user's shapes
+            shapes = ", ".join(str(list(a.shape)) for a in args)
+            raise VerifyInputError(
+                f"the checkpoint's model cannot run on inputs of shape {shapes} "
+                f"({type(exc).__name__}: {first_line(exc)}).",
+                "fix --input-shape or --inputs (or the model's own code).",
+            ) from None
+        try:
+            outs = session.run(None, feed)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+            raise VerifyInputError(
+                f"onnxruntime cannot run the graph on these inputs ({first_line(exc)}).",
+                "fix --input-shape or --inputs to fit the graph (it may be another model's).",
+            ) from None
         if not checks:
             n = max(len(outs), len(ref))
             checks = [
@@ -345,7 +430,7 @@ def _run_checks(session, model, model64, feeds, rule, unit, onnx_names) -> list[
     return checks
 
 
-def _run_session(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+def _check_feed(session, feed: dict[str, np.ndarray]) -> None:
     for spec in session.get_inputs():
         want, got = list(spec.shape), list(feed[spec.name].shape)
         fixed = [d if isinstance(d, int) and d > 0 else None for d in want]
@@ -355,7 +440,6 @@ def _run_session(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
                 f"the ONNX graph takes input {spec.name!r} of shape {shown}, not {got}.",
                 "fix --input-shape or --inputs to fit the graph (it may be another model's).",
             )
-    return session.run(None, feed)
 
 
 def verify_onnx(
@@ -370,7 +454,7 @@ def verify_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     ort_opt_level: str = "all",
-    per_layer: bool = False,
+    per_layer: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> VerificationResult:
     """Compare ``onnx_path`` with the original ``model`` (unbaked, as loaded from SOURCE), or with the original of
@@ -391,6 +475,13 @@ def verify_onnx(
         raise VerifyInputError(f"--ort-opt-level {ort_opt_level!r} is not one of {', '.join(ORT_LEVELS)}.", "use all.")
     if samples < 1:
         raise VerifyInputError(f"--samples {samples} must be at least 1.", "use --samples 3.")
+    if not 0 <= seed < 2**63:
+        raise VerifyInputError(f"--seed {seed} must be a non-negative integer below 2**63.", "use --seed 0.")
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise VerifyInputError(f"{flag} {value} must be a finite number >= 0.", f"use {flag} 1e-5.")
+    if input_shapes and any(d <= 0 for shape in input_shapes for d in shape):
+        raise VerifyInputError(f"--input-shape {input_shapes} has a dimension <= 0.", "use positive sizes.")
     if detection is None:
         detection = detect_layers(model)
     original = model
@@ -404,10 +495,8 @@ def verify_onnx(
         if inputs_file
         else sample_inputs(session, input_shapes, samples, seed, declared_input_shape(model))
     )
-    dtype = model_dtype(model)
-    onnx_dtype = _NP_DTYPES.get(session.get_inputs()[0].type, np.float32)
-    unit = float(np.finfo(onnx_dtype).eps) / 2 if dtype != torch.bfloat16 else float(torch.finfo(dtype).eps) / 2
-    unit = max(unit, torch.finfo(dtype).eps / 2)
+    # The allowance is anchored to the checkpoint's precision, whatever precision the graph computes in.
+    unit = torch.finfo(model_dtype(model)).eps / 2
     if atol is not None or rtol is not None:
         atol, rtol = atol or 0.0, rtol or 0.0
         rule, criterion = _allclose_rule(atol, rtol), f"allclose(atol={atol:g}, rtol={rtol:g}) against the checkpoint"
@@ -423,6 +512,7 @@ def verify_onnx(
     checks = _run_checks(session, model, model64, feeds, rule, unit, onnx_names)
     result = VerificationResult(criterion, samples if not inputs_file else 1, checks, ort_opt_level=ort_opt_level)
     result.input_shapes = [list(v.shape) for v in feeds[0].values()]
+    result.reference, result.notes = _reference(prepared, onnx_path, model)
     if per_layer:
         if progress:
             progress("compare initializers per layer")
@@ -444,6 +534,36 @@ def verify_onnx(
         result.cause = "the exported graph"
         result.hint = "see the failing layers" if result.layers else "run with --per-layer to find the layer"
     return result
+
+
+def _reference(prepared: Prepared | None, onnx_path: Path, model: nn.Module) -> tuple[str, list[str]]:
+    """What the graph is compared against, in words, and a note when the graph says it came from another file."""
+    import onnx
+
+    from .load import file_sha256
+
+    dtype = str(model_dtype(model)).removeprefix("torch.")
+    source = prepared.source if prepared is not None else None
+    if source is None:
+        return f"the model handed to verify_onnx, in PyTorch at {dtype} and in float64", []
+    digest = file_sha256(source)
+    loaded = prepared.loaded
+    if loaded is not None and loaded.manifest is not None:
+        what = (
+            f"the already baked model stored in {source} (sha256 {digest[:16]}; wsfold manifest: "
+            f"{len(loaded.manifest['layers'])} layer(s) baked, every baked tensor matching its recorded digest), "
+            f"not the original weights"
+        )
+    else:
+        what = f"the model in {source} (sha256 {digest[:16]})"
+    notes = []
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    if meta.get("wsfold_source_sha256") not in (None, digest):
+        notes.append(
+            f"the graph was exported from {meta.get('wsfold_source', 'another file')} with sha256 "
+            f"{meta['wsfold_source_sha256'][:16]}, not from this SOURCE"
+        )
+    return f"{what}, in PyTorch at {dtype} and in float64", notes
 
 
 def _baked_candidates(original: nn.Module, detection: Detection, fold_state: str | None, prepared: Prepared | None):
@@ -492,8 +612,25 @@ def compare_layers(
     return best or []
 
 
+def _exporter_fusions(model: nn.Module) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, scale, shift) per channel of every eval-mode BatchNorm: torch.onnx's TorchScript exporter fuses a
+    BatchNorm into the Conv before it by itself (when wsfold could not fold it, e.g. an untraceable model)."""
+    fusions = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.running_var is not None:
+            a = 1.0 / torch.sqrt(m.running_var.double() + m.eps)
+            if m.weight is not None:
+                a = a * m.weight.detach().double()
+            shift = -m.running_mean.double() * a
+            if m.bias is not None:
+                shift = shift + m.bias.detach().double()
+            fusions.append((name, a.numpy(), shift.numpy()))
+    return fusions
+
+
 def _layer_checks(baked: nn.Module, detection: Detection, inits: dict[str, np.ndarray], roles) -> list[LayerCheck]:
     layers = sorted((layer.name for layer in detection.layers), key=len, reverse=True)
+    fusions = _exporter_fusions(baked)
     checks = []
     for name, module in baked.named_modules():
         if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
@@ -510,11 +647,28 @@ def _layer_checks(baked: nn.Module, detection: Detection, inits: dict[str, np.nd
                 candidates = roles[idx].get(tuple(expected.shape), [])
             if not candidates:
                 continue
-            err, init_name = min((float(np.abs(inits[c].astype(np.float64) - expected).max()), c) for c in candidates)
-            scale = float(np.abs(expected).max()) or 1.0
-            dtype = inits[init_name].dtype
-            tol = 2 * float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
             # A baked layer may have become Sequential(pad, conv): its tensors belong to the layer it replaced.
             owner = next((n for n in layers if name == n or name.startswith(n + ".") or n == ""), name)
-            checks.append(LayerCheck(owner, key, init_name, err, err / scale, bool(err <= tol * scale)))
+            check = _closest(owner, key, expected, candidates, inits)
+            if not check.passed and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+                for bn, a, shift in fusions:
+                    if a.shape[0] != expected.shape[0]:
+                        continue
+                    view = a.reshape(-1, *([1] * (expected.ndim - 1)))
+                    fused = expected * view + (shift if attr == "bias" else 0.0)
+                    alt = _closest(owner, key, fused, candidates, inits)
+                    if alt.passed:
+                        alt.note = f"matches with BatchNorm {bn} fused into it by the exporter"
+                        check = alt
+                        break
+            checks.append(check)
     return checks
+
+
+def _closest(owner: str, key: str, expected: np.ndarray, candidates: list[str], inits) -> LayerCheck:
+    """The initializer among ``candidates`` closest to ``expected``, judged to 2 ulp of its dtype."""
+    err, init_name = min((float(np.abs(inits[c].astype(np.float64) - expected).max()), c) for c in candidates)
+    scale = float(np.abs(expected).max()) or 1.0
+    dtype = inits[init_name].dtype
+    tol = 2 * float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
+    return LayerCheck(owner, key, init_name, err, err / scale, bool(err <= tol * scale))

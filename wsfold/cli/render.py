@@ -94,6 +94,9 @@ def verification(console: Console, result) -> None:
                 f"(max abs {layer.max_abs_error:.3g}, relative {layer.max_rel_error:.3g})",
                 highlight=False,
             )
+    for warning in result.warnings:
+        console.print(f"[yellow]warning[/] {warning}", highlight=False)
+    console.print(f"compared against: {result.reference}", highlight=False)
     console.print(
         f"criterion: {result.criterion}; {result.samples} sample(s), inputs {result.input_shapes}", highlight=False
     )
