@@ -196,7 +196,7 @@ class _Baking:
             return  # inside a layer already replaced
         if layer.nonfinite and not self.allow_nonfinite:
             raise NonFiniteError(
-                f"layer {layer.name or '(root)'} ({layer.type}): "
+                f"layer {layer.name or '(root)'} ({layer.type}) has a non-finite weight: "
                 + next(w for w in layer.warnings if w.startswith("non-finite")).removeprefix("non-finite: ")
                 + "; the baked model would compute NaN.",
                 "fix the checkpoint, or pass --allow-nonfinite to bake the layer as it is.",

@@ -63,7 +63,13 @@ NoFold = Annotated[
 def _stdout():
     from rich.console import Console
 
-    return Console(soft_wrap=False)
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits 1 here, the code that says "verification failed": let handle_errors say 141 instead.
+            self.quiet = True
+            raise BrokenPipeError
+
+    return _Console(soft_wrap=False)
 
 
 def _emit_json(payload: dict[str, Any]) -> None:

@@ -54,7 +54,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         from ..errors import WsfoldError
 
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe is found here, not in click's exit (which would say exit 1)
+            return result
         except typer.Exit:
             raise
         except WsfoldError as exc:
