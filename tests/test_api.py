@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import OUT_TOL, arch_spec, ckpt, fixture_input, load_fixture, rel_err
 
@@ -133,3 +134,68 @@ def test_verify_per_layer_names_a_wrong_weight_of_a_folded_model(tmp_path):
     result = wsfold.verify_onnx(prepared, path, per_layer=True)
     assert not result
     assert [layer.name for layer in result.layers if not layer.passed] == ["4"]
+
+
+def test_a_ws_module_used_at_two_places_is_baked_at_both(tmp_path):
+    from models import StdConv2d
+
+    conv = StdConv2d(4, 4, 3, padding=1)
+    tied = torch.nn.Sequential(conv, torch.nn.ReLU(), conv).eval()
+    before = snapshot(tied)
+    prepared = wsfold.prepare(tied)
+    assert snapshot(tied) == before
+    assert type(prepared.model[0]) is torch.nn.Conv2d and prepared.model[2] is prepared.model[0]
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert rel_err(prepared.model(x), tied(x)) < OUT_TOL[torch.float32]
+    wsfold.export_onnx(prepared, tmp_path / "tied.onnx", input_shapes=[(2, 4, 8, 8)])
+    assert wsfold.verify_onnx(prepared, tmp_path / "tied.onnx")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: wsfold.prepare(None),
+        lambda: wsfold.prepare(123),
+        lambda: wsfold.prepare(ckpt("ws_bn"), arch=lambda: None),
+        lambda: wsfold.detect_layers("model.pt"),
+        lambda: wsfold.bake_model("model.pt"),
+        lambda: wsfold.fold_model("model.pt"),
+        lambda: wsfold.export_onnx("model.pt", "m.onnx", input_shapes=[(1, 3, 8, 8)]),
+        lambda: wsfold.verify_onnx(None, "m.onnx"),
+        lambda: wsfold.save_baked("model.pt", "m.safetensors"),
+        lambda: wsfold.load_model(None),
+    ],
+)
+def test_the_api_names_a_wrong_argument_type(call):
+    with pytest.raises(TypeError, match="expects|arch is|must be"):
+        call()
+
+
+@pytest.mark.parametrize("how", ["no_fold", "train_mode"])
+def test_per_layer_recognizes_a_batchnorm_the_exporter_fused_itself(tmp_path, how):
+    """wsfold did not fold the BatchNorms (fold=False, or the model in training mode), torch.onnx did."""
+    if how == "no_fold":
+        prepared = wsfold.prepare(ckpt("ws_bn"), arch=arch_spec("ws_bn"), fold=False)
+    else:
+        prepared = wsfold.prepare(load_fixture("ws_bn").train())
+    assert prepared.fold.folded == []
+    path = tmp_path / "m.onnx"
+    wsfold.export_onnx(prepared, path, input_shapes=[(2, 3, 10, 10)])
+    result = wsfold.verify_onnx(prepared, path)
+    assert result, str(result)
+    assert {layer.note for layer in result.layers if layer.tensor.startswith("0.")} == {
+        "matches with BatchNorm 1 fused into it by the exporter"
+    }
+    # ...but not any per-channel scale: one filter off by 1% still fails
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    init = next(i for i in proto.graph.initializer if i.name == conv.input[1])
+    w = numpy_helper.to_array(init).copy()
+    w[2] *= 1.01
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(proto, str(path))
+    assert not wsfold.verify_onnx(prepared, path)

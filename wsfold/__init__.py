@@ -48,6 +48,10 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs
     from .verify import verify_onnx
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name: str):
     if name in _API:
         return getattr(importlib.import_module(f".{_API[name]}", __name__), name)

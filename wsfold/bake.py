@@ -12,7 +12,7 @@ from .detect import DerivedLayer, Detection, add_finding, iter_layers
 from .errors import NonFiniteError, WsfoldError
 from .formulas import standardize_rounded
 from .memory import FilePages
-from .modeltree import copy_path, set_submodule
+from .modeltree import copy_path, module_paths, require_module, set_submodule
 from .modules import SamePad
 from .probe import as_tuple, op_kind, own_tensors
 
@@ -156,6 +156,9 @@ def bake_model(
     computed, so a large model is never held twice and no weight is standardized twice. ``progress`` then
     counts the modules probed, else the layers baked. A layer whose weight holds NaN or inf raises
     NonFiniteError unless ``allow_nonfinite`` (then it is baked as it is)."""
+    require_module(model, "bake_model")
+    if detection is not None and not isinstance(detection, Detection):
+        raise TypeError(f"bake_model's detection must be a Detection, not {type(detection).__name__}")
     baking = _Baking(model, inplace, allow_nonfinite)
     if detection is not None:
         for i, layer in enumerate(detection.layers):
@@ -190,6 +193,8 @@ class _Baking:
         self.allow_nonfinite = allow_nonfinite
         self.copied: dict[str, nn.Module] = {}
         self.baked: list[BakedLayer] = []
+        # A module used at several places (tied) is replaced at every one of them.
+        self.paths = module_paths(model)
 
     def bake(self, layer: DerivedLayer, exact: torch.Tensor | None = None) -> None:
         if any(layer.name.startswith(b.layer.name + ".") or b.layer.name == "" for b in self.baked):
@@ -206,7 +211,10 @@ class _Baking:
         module = self.model.get_submodule(layer.name) if layer.name else self.model
         new, prefix = build_plain(module, layer, exact)
         new.train(module.training)
-        self.model = set_submodule(self.model, layer.name, new)
+        for name in self.paths.get(id(module), [layer.name]):
+            if not self.inplace and name:
+                self.model = copy_path(self.model, name, self.copied)
+            self.model = set_submodule(self.model, name, new)
         base = f"{layer.name}." if layer.name else ""
         has_bias = new.state_dict().get(f"{prefix}bias") is not None
         self.baked.append(

@@ -28,7 +28,7 @@ from .formulas import (
     tolerance,
 )
 from .memory import FilePages
-from .modeltree import eval_mode
+from .modeltree import eval_mode, require_module
 from .modules import tf_same_pad
 from .probe import OpCall, ProbeRun, TensorSet, as_tuple, own_tensors, probe_shapes, run_probe
 
@@ -580,6 +580,7 @@ def iter_layers(
     With ``exact_weights``, each derived layer comes with its exact weight, so that a caller can bake it before
     the next layer is probed; a memory-mapped source weight's pages are then handed back once read. A module
     inside one yielded as derived or unsupported is not probed on its own: the parent's math would be split."""
+    require_module(model, "iter_layers")
     params = TensorSet(model)
     # Names, not module objects: a layer baked on the way must not be kept alive by this loop.
     candidates = [n for n, m in model.named_modules() if _is_candidate(m)]

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ExportError, OptionError, first_line
-from .modeltree import copy_paths, model_dtype, structural_copy
+from .modeltree import copy_paths, model_dtype, require_module, structural_copy
 from .paths import check_output, temp_folder
 
 if TYPE_CHECKING:
@@ -105,6 +105,8 @@ def declared_input_shape(model: nn.Module) -> tuple[int, ...] | None:
 
 
 def resolve_input_shapes(model: nn.Module, shapes: Sequence[str | tuple[int, ...]] | None) -> list[tuple[int, ...]]:
+    if shapes and any(isinstance(s, int) for s in shapes):
+        raise TypeError(f"input_shapes is a list of shapes, one per input, such as [{tuple(shapes)}]")
     if shapes:
         return [parse_shape(s) if isinstance(s, str) else tuple(s) for s in shapes]
     declared = declared_input_shape(model)
@@ -469,6 +471,11 @@ def export_onnx(
         prepared = model
         model, bake_report, fold_report = prepared.model, prepared.bake, prepared.fold
         source, baked_count = source or prepared.source, prepared.baked_layers
+    require_module(model, "export_onnx")
+    if isinstance(input_dtype, str):
+        if input_dtype not in DTYPES:
+            raise OptionError(f"input_dtype {input_dtype!r} is not one of {', '.join(DTYPES)}.", "use float32.")
+        input_dtype = DTYPES[input_dtype]
     source = Path(source) if source else None
     out = check_output(Path(out), force=force, source=source, suffixes=(".onnx",), option="--onnx")
     data_path = out.with_name(f"{out.name}.data")

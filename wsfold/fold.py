@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from .errors import first_line
-from .modeltree import copy_paths, set_submodule
+from .modeltree import copy_paths, require_module, set_submodule
 
 _FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 _NORMS = (nn.GroupNorm, nn.LayerNorm)
@@ -354,6 +354,7 @@ def apply_folds(model: nn.Module, steps: list[FoldStep], *, inplace: bool = Fals
 def fold_model(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, FoldReport]:
     """Fold eval-mode per-channel affine normalizers into the conv/linear before them, then GroupNorm/LayerNorm
     affines into the conv/linear after them. Returns the model (a copy unless ``inplace``) and a report."""
+    require_module(model, "fold_model")
     steps, report = plan_folds(model)
     model = apply_folds(model, steps, inplace=inplace)
     report.folded = [s.record() for s in steps]

@@ -41,7 +41,7 @@ class Formula:
 
     @property
     def name(self) -> str:
-        """The WS-VARIANTS.md name: V7 for V1/V3 with a gain, V8 for V4 with an affine, else the base variant."""
+        """The docs/variants.md name: V7 for V1/V3 with a gain, V8 for V4 with an affine, else the base variant."""
         affine = self.scale_tensor is not None or self.scale_const != 1.0
         if self.variant in ("V1", "V3") and affine and self.shift_tensor is None:
             return "V7"

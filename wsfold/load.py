@@ -495,6 +495,8 @@ def load_model(
     allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load SOURCE into an eval-mode nn.Module. Never loads pickled code unless ``allow_pickle``."""
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"load_model expects a checkpoint path, not {type(source).__name__}")
     path = Path(source)
     obj, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
     if isinstance(obj, nn.Module):

@@ -10,6 +10,21 @@ import torch
 from torch import nn
 
 
+def require_module(obj: object, caller: str) -> nn.Module:
+    """``obj`` if it is an nn.Module; a TypeError naming ``caller`` otherwise (a programming error, not bad input)."""
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"{caller} expects a torch.nn.Module, not {type(obj).__name__}")
+    return obj
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every name under which each module object is reachable (a module used at two places has two)."""
+    paths: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    return paths
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first floating-point parameter (float32 when it has none)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

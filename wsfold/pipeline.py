@@ -70,6 +70,14 @@ def prepare(
     A model handed in is never changed. With ``keep_original=False`` a checkpoint's model is baked in place and
     not kept (``original`` is None), which halves peak memory when only the baked model is wanted. A layer whose
     weight holds NaN or inf raises NonFiniteError unless ``allow_nonfinite``."""
+    if not isinstance(source, (str, Path, nn.Module)):
+        raise TypeError(f"prepare expects a checkpoint path or an nn.Module, not {type(source).__name__}")
+    if arch is not None and not isinstance(arch, str):
+        raise TypeError(
+            f"arch is a 'package.module:callable' or 'path/to/file.py:callable' string, not {type(arch).__name__}"
+        )
+    if progress is not None and not callable(progress):
+        raise TypeError("progress must be a callable progress(stage, done, total)")
     loaded = None
     path = None
     if isinstance(source, nn.Module):

@@ -14,6 +14,7 @@ from . import __version__
 from .bake import BakeReport
 from .errors import OutputError, first_line
 from .load import MANIFEST_KEY
+from .modeltree import require_module
 from .paths import atomic_path, check_output
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ def save_baked(
 
     if isinstance(model, Prepared):
         model, bake_report, fold_report, source = model.model, model.bake, model.fold, source or model.source
+    require_module(model, "save_baked")
     out = check_output(Path(out), force=force, source=Path(source) if source else None, suffixes=SUFFIXES)
     with atomic_path(out, force=force) as tmp:
         if out.suffix == ".pt":

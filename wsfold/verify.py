@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import VerifyInputError, first_line
-from .modeltree import model_dtype, set_submodule, structural_copy
+from .modeltree import model_dtype, require_module, set_submodule, structural_copy
 from .probe import own_tensors, probe_shapes, run_probe
 
 if TYPE_CHECKING:
@@ -459,7 +459,7 @@ def verify_onnx(
 ) -> VerificationResult:
     """Compare ``onnx_path`` with the original ``model`` (unbaked, as loaded from SOURCE), or with the original of
     a :func:`wsfold.prepare` result (whose detection and baked model are then reused). ``model`` is not changed."""
-    from .detect import detect_layers
+    from .detect import Detection, detect_layers
     from .export import declared_input_shape
     from .pipeline import Prepared
 
@@ -468,6 +468,10 @@ def verify_onnx(
         if prepared.original is None:
             raise ValueError("verify_onnx needs the original model: call prepare(..., keep_original=True)")
         model, detection = prepared.original, prepared.detection
+    require_module(model, "verify_onnx")
+    if detection is not None and not isinstance(detection, Detection):
+        raise TypeError(f"verify_onnx's detection must be a Detection, not {type(detection).__name__}")
+    inputs_file = Path(inputs_file) if inputs_file is not None else None
     onnx_path = Path(onnx_path)
     if not onnx_path.exists():
         raise VerifyInputError(f"{onnx_path}: no such ONNX file.", "run `wsfold export SOURCE --onnx PATH` first.")
@@ -617,7 +621,8 @@ def _exporter_fusions(model: nn.Module) -> list[tuple[str, np.ndarray, np.ndarra
     BatchNorm into the Conv before it by itself (when wsfold could not fold it, e.g. an untraceable model)."""
     fusions = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.running_var is not None:
+        # Whatever mode the model was handed in: export and verify both evaluate it in eval mode.
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
             a = 1.0 / torch.sqrt(m.running_var.double() + m.eps)
             if m.weight is not None:
                 a = a * m.weight.detach().double()
