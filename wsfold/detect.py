@@ -407,10 +407,10 @@ class _Prober:
             formula = replace(learned.formula, scale_const=const_value(learned.formula.scale_const_name, scalars, n))
         except KeyError:
             return None
-        rounded = self._round(own, raw, formula, learned.raw_name, bias_param, w0)
+        rounded = _round(own, raw, formula, learned.raw_name, bias_param, w0, self.exact_weights)
         if rounded is None:
             return None
-        found = self._finding(name, module, call, w0, None, learned.raw_name, bias_param, formula, rounded)
+        found = _finding(name, module, call, w0, None, learned.raw_name, bias_param, formula, rounded)
         found.result.probed_as = learned.layer
         return found
 
@@ -425,10 +425,14 @@ class _Prober:
         bias_param = _param_name(own, bias)
         formula = rounded = None
         if raw_name is not None:
-            formula = self._identify(module, own, raw_name, bias_param, observed, scalars, eps_hints)
-            rounded = None if formula is None else self._round(own, own[raw_name], formula, raw_name, bias_param, w0)
+            formula = _identify(module, own, raw_name, bias_param, observed, scalars, eps_hints, self.params)
+            rounded = (
+                None
+                if formula is None
+                else _round(own, own[raw_name], formula, raw_name, bias_param, w0, self.exact_weights)
+            )
             formula = formula if rounded is not None else None
-        found = self._finding(name, module, call, w0, observed.pad, raw_name, bias_param, formula, rounded)
+        found = _finding(name, module, call, w0, observed.pad, raw_name, bias_param, formula, rounded)
         clean = formula is not None and observed.pad is None and raw_name is not None and (bias is None or bias_param)
         learned = _Learned(name, observed.shape_index, raw_name, bias_param, formula) if clean else None
         return found, learned
@@ -454,84 +458,85 @@ class _Prober:
         reason = "could not be run on a probe input" + (f" ({errors[0]})" if errors else "")
         return SkippedLayer(name, type(module).__name__, reason)
 
-    def _identify(self, module, own, raw_name, bias_param, observed: _Observed, scalars, eps_hints) -> Formula | None:
-        """Score formulas on a subset of channels of the real weight and of designed ones; the best candidate."""
-        raw = own[raw_name]
-        per_channel = _per_channel(own, raw.shape[0], raw_name, bias_param)
-        keep = channel_subset(raw.shape[0])
-        observations = [(raw[keep], observed.call.args["weight"].subset)]
-        for designed in designed_weights(raw):
-            captured = _derived_weight_of(module, observed.probe_shape, raw.dtype, self.params, {raw_name: designed})
-            if captured is not None and captured.shape == raw.shape:
-                observations.append((designed[keep], captured[keep].clone()))
-            del designed, captured
-        found = identify_formula(
-            observations, {k: v.reshape(-1)[keep] for k, v in per_channel.items()}, scalars, eps_hints
-        )
-        return found
 
-    def _round(self, own, raw, formula: Formula, raw_name, bias_param, observed: torch.Tensor) -> Rounded | None:
-        """The formula in float64 over the whole weight, checked element by element against what the layer's own
-        code computed; None when they differ by more than rounding noise."""
-        per_channel = _per_channel(own, raw.shape[0], raw_name, bias_param)
-        scale, shift = formula.affine_tensors(per_channel)
-        if (formula.scale_tensor and scale is None) or (formula.shift_tensor and shift is None):
-            return None
-        # When baking, a memory-mapped source weight's pages are handed back as soon as they have been read for
-        # the last time (the baked layer replaces it).
-        done = FilePages(raw).release if self.exact_weights else None
-        rounded = standardize_rounded(
-            raw, formula, scale, shift, dtype=observed.dtype, observed=observed, keep=self.exact_weights, done_rows=done
-        )
-        return rounded if rounded.misfit <= tolerance(observed.dtype) else None
+def _identify(
+    module, own, raw_name, bias_param, observed: _Observed, scalars, eps_hints, params: TensorSet
+) -> Formula | None:
+    """Score formulas on a subset of channels of the real weight and of designed ones; the best candidate."""
+    raw = own[raw_name]
+    per_channel = _per_channel(own, raw.shape[0], raw_name, bias_param)
+    keep = channel_subset(raw.shape[0])
+    observations = [(raw[keep], observed.call.args["weight"].subset)]
+    for designed in designed_weights(raw):
+        captured = _derived_weight_of(module, observed.probe_shape, raw.dtype, params, {raw_name: designed})
+        if captured is not None and captured.shape == raw.shape:
+            observations.append((designed[keep], captured[keep].clone()))
+        del designed, captured
+    found = identify_formula(observations, {k: v.reshape(-1)[keep] for k, v in per_channel.items()}, scalars, eps_hints)
+    return found
 
-    def _finding(self, name, module, call, w0, pad_spec, raw_name, bias_param, formula, rounded) -> Finding:
-        bias = call.args.get("bias")
-        fan_in = int(w0[0].numel())
-        type_name = type(module).__name__
-        layer = DerivedLayer(
-            name=name,
-            type=type_name,
-            op=call.op,
-            geometry=call.geometry(),
-            weight_shape=tuple(w0.shape),
-            dtype=w0.dtype,
-            source_param=raw_name or "",
-            formula=formula,
-            misfit=None if rounded is None else rounded.misfit,
-            fan_in=fan_in,
-            pad=pad_spec,
-            known_as=KNOWN_CLASSES.get(type_name)
-            or ("torch.nn.utils.parametrize" if hasattr(module, "parametrizations") else None),
-            bias_is_param=bias_param,
+
+def _round(
+    own, raw, formula: Formula, raw_name, bias_param, observed: torch.Tensor, exact_weights: bool
+) -> Rounded | None:
+    """The formula in float64 over the whole weight, checked element by element against what the layer's own
+    code computed; None when they differ by more than rounding noise."""
+    per_channel = _per_channel(own, raw.shape[0], raw_name, bias_param)
+    scale, shift = formula.affine_tensors(per_channel)
+    if (formula.scale_tensor and scale is None) or (formula.shift_tensor and shift is None):
+        return None
+    # When baking, a memory-mapped source weight's pages are handed back as soon as they have been read for
+    # the last time (the baked layer replaces it).
+    done = FilePages(raw).release if exact_weights else None
+    rounded = standardize_rounded(
+        raw, formula, scale, shift, dtype=observed.dtype, observed=observed, keep=exact_weights, done_rows=done
+    )
+    return rounded if rounded.misfit <= tolerance(observed.dtype) else None
+
+
+def _finding(name, module, call, w0, pad_spec, raw_name, bias_param, formula, rounded) -> Finding:
+    bias = call.args.get("bias")
+    fan_in = int(w0[0].numel())
+    type_name = type(module).__name__
+    layer = DerivedLayer(
+        name=name,
+        type=type_name,
+        op=call.op,
+        geometry=call.geometry(),
+        weight_shape=tuple(w0.shape),
+        dtype=w0.dtype,
+        source_param=raw_name or "",
+        formula=formula,
+        misfit=None if rounded is None else rounded.misfit,
+        fan_in=fan_in,
+        pad=pad_spec,
+        known_as=KNOWN_CLASSES.get(type_name)
+        or ("torch.nn.utils.parametrize" if hasattr(module, "parametrizations") else None),
+        bias_is_param=bias_param,
+    )
+    if formula is None:
+        layer.observed_weight = w0.detach().clone()
+        layer.observed_bias = None if bias is None else bias.detach().clone()
+        layer.warnings.append("formula not identified: the observed weight is baked as is")
+    else:
+        if bias is not None and bias_param is None:
+            layer.observed_bias = bias.detach().clone()
+        low = int((rounded.var_b < formula.eps).sum())
+        if low:
+            layer.warnings.append(f"{low} filter(s) with variance below eps={formula.eps:g}")
+    layer.nonfinite = int((~torch.isfinite(w0)).sum()) if w0.is_floating_point() else 0
+    if layer.nonfinite:
+        stored = own_tensors(module).get(raw_name) if raw_name else None
+        bad = int((~torch.isfinite(stored)).sum()) if stored is not None else 0
+        cause = (
+            f"{bad} in the stored {raw_name}" if bad else "the stored weight is finite (eps 0 on a constant filter?)"
         )
-        if formula is None:
-            layer.observed_weight = w0.detach().clone()
-            layer.observed_bias = None if bias is None else bias.detach().clone()
-            layer.warnings.append("formula not identified: the observed weight is baked as is")
-        else:
-            if bias is not None and bias_param is None:
-                layer.observed_bias = bias.detach().clone()
-            low = int((rounded.var_b < formula.eps).sum())
-            if low:
-                layer.warnings.append(f"{low} filter(s) with variance below eps={formula.eps:g}")
-        layer.nonfinite = int((~torch.isfinite(w0)).sum()) if w0.is_floating_point() else 0
-        if layer.nonfinite:
-            stored = own_tensors(module).get(raw_name) if raw_name else None
-            bad = int((~torch.isfinite(stored)).sum()) if stored is not None else 0
-            cause = (
-                f"{bad} in the stored {raw_name}"
-                if bad
-                else "the stored weight is finite (eps 0 on a constant filter?)"
-            )
-            layer.warnings.append(
-                f"non-finite: the weight it computes holds {layer.nonfinite} NaN/inf value(s) ({cause})"
-            )
-        if fan_in < 16:
-            layer.warnings.append(f"fan-in {fan_in} < 16: statistics from {fan_in} numbers")
-        if not raw_name:
-            layer.warnings.append("no parameter of the weight's shape: the observed weight is baked as is")
-        return Finding(layer, rounded.weight if rounded is not None else None)
+        layer.warnings.append(f"non-finite: the weight it computes holds {layer.nonfinite} NaN/inf value(s) ({cause})")
+    if fan_in < 16:
+        layer.warnings.append(f"fan-in {fan_in} < 16: statistics from {fan_in} numbers")
+    if not raw_name:
+        layer.warnings.append("no parameter of the weight's shape: the observed weight is baked as is")
+    return Finding(layer, rounded.weight if rounded is not None else None)
 
 
 def _param_name(own: dict[str, torch.Tensor], tensor: torch.Tensor | None) -> str | None:
