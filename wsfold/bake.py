@@ -146,6 +146,7 @@ def bake_model(
     *,
     inplace: bool = False,
     allow_nonfinite: bool = False,
+    weight_dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, BakeReport]:
     """Return ``model`` with every detected derived-weight layer replaced by a plain op; the input is untouched
@@ -155,7 +156,8 @@ def bake_model(
     Without a ``detection``, each layer is baked as soon as it is found, from the weight its detection already
     computed, so a large model is never held twice and no weight is standardized twice. ``progress`` then
     counts the modules probed, else the layers baked. A layer whose weight holds NaN or inf raises
-    NonFiniteError unless ``allow_nonfinite`` (then it is baked as it is)."""
+    NonFiniteError unless ``allow_nonfinite`` (then it is baked as it is). ``weight_dtype`` rounds each identified
+    formula's weight to that dtype instead of the layer's (float64: not rounded at all)."""
     require_module(model, "bake_model")
     if detection is not None and not isinstance(detection, Detection):
         raise TypeError(f"bake_model's detection must be a Detection, not {type(detection).__name__}")
@@ -168,7 +170,7 @@ def bake_model(
         return baking.model, BakeReport(detection, baking.baked)
     flags = {n: m.training for n, m in model.named_modules()}
     detection = Detection([], [], [])
-    for found in iter_layers(model, exact_weights=True, progress=progress):
+    for found in iter_layers(model, exact_weights=True, weight_dtype=weight_dtype, progress=progress):
         add_finding(detection, found.result)
         if isinstance(found.result, DerivedLayer):
             baking.bake(found.result, found.weight)

@@ -358,9 +358,10 @@ class _Prober:
     evaluated in float64, reproduces on every channel what its own code computed; anything else sends it
     through the full probes too. Either way every layer's own output is checked whole."""
 
-    def __init__(self, params: TensorSet, exact_weights: bool) -> None:
+    def __init__(self, params: TensorSet, exact_weights: bool, weight_dtype: torch.dtype | None = None) -> None:
         self.params = params
         self.exact_weights = exact_weights
+        self.weight_dtype = weight_dtype
         self.learned: dict[tuple, _Learned] = {}
 
     def analyse(self, name: str, module: nn.Module) -> Finding | None:
@@ -407,7 +408,7 @@ class _Prober:
             formula = replace(learned.formula, scale_const=const_value(learned.formula.scale_const_name, scalars, n))
         except KeyError:
             return None
-        rounded = _round(own, raw, formula, learned.raw_name, bias_param, w0, self.exact_weights)
+        rounded = _round(own, raw, formula, learned.raw_name, bias_param, w0, self.exact_weights, self.weight_dtype)
         if rounded is None:
             return None
         found = _finding(name, module, call, w0, None, learned.raw_name, bias_param, formula, rounded)
@@ -429,7 +430,9 @@ class _Prober:
             rounded = (
                 None
                 if formula is None
-                else _round(own, own[raw_name], formula, raw_name, bias_param, w0, self.exact_weights)
+                else _round(
+                    own, own[raw_name], formula, raw_name, bias_param, w0, self.exact_weights, self.weight_dtype
+                )
             )
             formula = formula if rounded is not None else None
         found = _finding(name, module, call, w0, observed.pad, raw_name, bias_param, formula, rounded)
@@ -477,7 +480,14 @@ def _identify(
 
 
 def _round(
-    own, raw, formula: Formula, raw_name, bias_param, observed: torch.Tensor, exact_weights: bool
+    own,
+    raw,
+    formula: Formula,
+    raw_name,
+    bias_param,
+    observed: torch.Tensor,
+    exact_weights: bool,
+    weight_dtype: torch.dtype | None = None,
 ) -> Rounded | None:
     """The formula in float64 over the whole weight, checked element by element against what the layer's own
     code computed; None when they differ by more than rounding noise."""
@@ -489,7 +499,14 @@ def _round(
     # the last time (the baked layer replaces it).
     done = FilePages(raw).release if exact_weights else None
     rounded = standardize_rounded(
-        raw, formula, scale, shift, dtype=observed.dtype, observed=observed, keep=exact_weights, done_rows=done
+        raw,
+        formula,
+        scale,
+        shift,
+        dtype=weight_dtype or observed.dtype,
+        observed=observed,
+        keep=exact_weights,
+        done_rows=done,
     )
     return rounded if rounded.misfit <= tolerance(observed.dtype) else None
 
@@ -577,19 +594,24 @@ def _scalar_attributes(module: nn.Module) -> tuple[dict[str, float], list[float]
 
 
 def iter_layers(
-    model: nn.Module, *, exact_weights: bool = False, progress: Callable[[int, int], None] | None = None
+    model: nn.Module,
+    *,
+    exact_weights: bool = False,
+    weight_dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[Finding]:
     """Probe every candidate module of ``model`` and yield a Finding for each layer with a derived weight and each
     module that cannot be baked or run. Never changes ``model`` (probing runs it in eval mode, every flag restored).
 
     With ``exact_weights``, each derived layer comes with its exact weight, so that a caller can bake it before
-    the next layer is probed; a memory-mapped source weight's pages are then handed back once read. A module
+    the next layer is probed (rounded once to ``weight_dtype``, default the layer's own); a memory-mapped source
+    weight's pages are then handed back once read. A module
     inside one yielded as derived or unsupported is not probed on its own: the parent's math would be split."""
     require_module(model, "iter_layers")
     params = TensorSet(model)
     # Names, not module objects: a layer baked on the way must not be kept alive by this loop.
     candidates = [n for n, m in model.named_modules() if _is_candidate(m)]
-    prober = _Prober(params, exact_weights)
+    prober = _Prober(params, exact_weights, weight_dtype)
     claimed: list[str] = []
     with eval_mode(model):
         for i, name in enumerate(candidates):

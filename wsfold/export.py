@@ -23,6 +23,16 @@ from torch import nn
 
 from . import __version__
 from .errors import ExportError, OptionError, first_line
+from .inputs import (
+    FLOAT_DTYPES,
+    ValueRange,
+    check_names,
+    forward_input_names,
+    parse_dtype,
+    parse_shape,
+    per_input,
+    random_tensor,
+)
 from .modeltree import copy_paths, model_dtype, require_module, structural_copy
 from .paths import check_output, temp_folder
 
@@ -37,7 +47,6 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB for the whole file
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
@@ -79,16 +88,6 @@ class ExportResult:
         }
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.strip().split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(d <= 0 for d in shape):
-        raise OptionError(f"--input-shape {text!r} is not a list of positive integers.", "write it like 1,3,224,224.")
-    return shape
-
-
 def declared_input_shape(model: nn.Module) -> tuple[int, ...] | None:
     """The input size a model declares (timm pretrained_cfg/default_cfg, transformers config), batch 1."""
     for attr in ("pretrained_cfg", "default_cfg"):
@@ -116,13 +115,6 @@ def resolve_input_shapes(model: nn.Module, shapes: Sequence[str | tuple[int, ...
             "pass --input-shape, e.g. --input-shape 1,3,224,224 (repeat it for several inputs).",
         )
     return [declared]
-
-
-def example_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype, *, batch: int | None = None, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(
-        torch.randn(((batch,) + s[1:]) if batch else s, generator=gen, dtype=torch.float32).to(dtype) for s in shapes
-    )
 
 
 def flatten_outputs(out: Any) -> tuple[list[str], list[torch.Tensor]]:
@@ -195,39 +187,63 @@ class TraceInputs:
         return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
 
+def export_dtype(model: nn.Module, dtype: torch.dtype | str | None, notes: list[str]) -> torch.dtype:
+    """The floating dtype the graph computes in: ``dtype`` if given, else the model's (bfloat16 widens to float32:
+    ONNX Conv has no bfloat16, and widening the baked weights is exact)."""
+    if dtype is not None:
+        dtype = parse_dtype(dtype, "--dtype")
+        if not dtype.is_floating_point:
+            raise OptionError(f"--dtype {dtype} is not a floating dtype.", f"use one of {', '.join(FLOAT_DTYPES)}.")
+    else:
+        dtype = model_dtype(model)
+    if dtype == torch.bfloat16:
+        notes.append("bfloat16 model exported as float32 (ONNX Conv has no bfloat16; the weights widen exactly)")
+        dtype = torch.float32
+    return dtype
+
+
 def trace_inputs(
     model: nn.Module,
     input_shapes: list[tuple[int, ...]],
-    input_dtype: torch.dtype | None,
+    input_dtypes: Sequence[torch.dtype | str | None] | torch.dtype | str | None = None,
     *,
+    dtype: torch.dtype | str | None = None,
+    input_names: Sequence[str] | None = None,
+    value_ranges: Sequence[ValueRange | None] | None = None,
     dynamic_batch: bool,
     dynamic_hw: bool,
 ) -> TraceInputs:
-    """Prepare the model and example inputs for the exporter without changing ``model``: the copy shares its
-    tensors, or holds converted ones when the export dtype differs."""
-    notes = []
-    dtype = input_dtype or model_dtype(model)
-    if dtype == torch.bfloat16:
-        # ONNX Conv has no bfloat16; widening the baked bfloat16 weights to float32 is exact.
-        dtype = torch.float32
-        notes.append("bfloat16 model exported as float32 (ONNX Conv has no bfloat16; the weights widen exactly)")
+    """Prepare the model and example inputs for the exporter without changing ``model``: a structural copy that
+    shares its tensors, or holds converted ones when the export ``dtype`` differs. Floating inputs default to
+    the export dtype; integer and bool inputs keep theirs."""
+    notes: list[str] = []
+    dtype = export_dtype(model, dtype, notes)
     private = structural_copy(model, dtype if dtype != model_dtype(model) else None).eval()
+    count = len(input_shapes)
+    if isinstance(input_dtypes, (str, torch.dtype)):
+        input_dtypes = [input_dtypes]
+    kinds = [parse_dtype(d) if d is not None else dtype for d in per_input(input_dtypes, count, "--input-dtype")]
+    ranges = per_input(value_ranges, count, "--input-range")
     trace_batch = 2 if dynamic_batch and input_shapes[0][0] == 1 else None
-    args = example_inputs(input_shapes, dtype, batch=trace_batch)
-    if not dynamic_hw:
-        private = freeze_same_pads(private, args)
+    gen = torch.Generator().manual_seed(0)
+    args = tuple(
+        random_tensor((trace_batch, *s[1:]) if trace_batch else s, kind, gen, rng)
+        for s, kind, rng in zip(input_shapes, kinds, ranges)
+    )
     with torch.no_grad():
         try:
+            if not dynamic_hw:
+                private = freeze_same_pads(private, args)
             reference = private(*args)
         except Exception as exc:  # noqa: BLE001 - the user's shapes may not fit the model
+            given = ", ".join(f"{tuple(s)} {str(k).removeprefix('torch.')}" for s, k in zip(input_shapes, kinds))
             raise OptionError(
-                f"the model cannot run on inputs of shape {', '.join(str(tuple(a.shape)) for a in args)} "
-                f"({first_line(exc)}).",
-                "fix --input-shape / --input-dtype.",
+                f"the model cannot run on inputs {given} ({type(exc).__name__}: {first_line(exc)}).",
+                "fix --input-shape / --input-dtype (one per input, in forward's order).",
             ) from None
     output_names, _ = flatten_outputs(reference)
-    input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
-    return TraceInputs(private, args, input_names, output_names, notes)
+    names = check_names(input_names, count) if input_names else forward_input_names(model, count)
+    return TraceInputs(private, args, names, output_names, notes)
 
 
 @contextlib.contextmanager
@@ -445,7 +461,9 @@ def export_onnx(
     out: str | Path,
     *,
     input_shapes: Sequence[str | tuple[int, ...]] | None = None,
-    input_dtype: torch.dtype | None = None,
+    input_dtypes: Sequence[torch.dtype | str | None] | torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    input_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
     dynamic_hw: bool = False,
     exporter: str = DEFAULT_EXPORTER,
@@ -472,10 +490,6 @@ def export_onnx(
         model, bake_report, fold_report = prepared.model, prepared.bake, prepared.fold
         source, baked_count = source or prepared.source, prepared.baked_layers
     require_module(model, "export_onnx")
-    if isinstance(input_dtype, str):
-        if input_dtype not in DTYPES:
-            raise OptionError(f"input_dtype {input_dtype!r} is not one of {', '.join(DTYPES)}.", "use float32.")
-        input_dtype = DTYPES[input_dtype]
     source = Path(source) if source else None
     out = check_output(Path(out), force=force, source=source, suffixes=(".onnx",), option="--onnx")
     data_path = out.with_name(f"{out.name}.data")
@@ -487,7 +501,15 @@ def export_onnx(
         )
     check_opset(opset, exporter)
     shapes = resolve_input_shapes(model, input_shapes)
-    traced = trace_inputs(model, shapes, input_dtype, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
+    traced = trace_inputs(
+        model,
+        shapes,
+        input_dtypes,
+        dtype=dtype,
+        input_names=input_names,
+        dynamic_batch=dynamic_batch,
+        dynamic_hw=dynamic_hw,
+    )
     notes = traced.notes
     external = traced.weight_bytes() > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     if external and not external_data:

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .bake import BakeReport, bake_model
 from .detect import Detection
 from .fold import NOT_ASKED, FoldReport, fold_model
 from .load import LoadedModel, load_model
+from .modeltree import model_dtype, structural_copy
 
 # progress(stage, done, total): a stage's name and how far it is; total 0 when it has no count.
 Progress = Callable[[str, int, int], None]
@@ -62,6 +64,7 @@ def prepare(
     fold: bool = True,
     keep_original: bool = True,
     allow_nonfinite: bool = False,
+    dtype: torch.dtype | None = None,
     progress: Progress | None = None,
 ) -> Prepared:
     """Load SOURCE (a checkpoint path, or an nn.Module you already have), bake every weight-standardized layer
@@ -69,7 +72,9 @@ def prepare(
 
     A model handed in is never changed. With ``keep_original=False`` a checkpoint's model is baked in place and
     not kept (``original`` is None), which halves peak memory when only the baked model is wanted. A layer whose
-    weight holds NaN or inf raises NonFiniteError unless ``allow_nonfinite``."""
+    weight holds NaN or inf raises NonFiniteError unless ``allow_nonfinite``. With ``dtype``, the baked model is
+    cast to it: the standardized weights are computed in float64, folding runs in float64, and every weight is
+    rounded once, to ``dtype``."""
     if not isinstance(source, (str, Path, nn.Module)):
         raise TypeError(f"prepare expects a checkpoint path or an nn.Module, not {type(source).__name__}")
     if arch is not None and not isinstance(arch, str):
@@ -89,13 +94,22 @@ def prepare(
         original = loaded.model
     # Each layer is baked as soon as it is probed, from the weight the probe already standardized.
     count = None if progress is None else (lambda done, total: progress("probe layers", done, total))
+    cast = dtype is not None and dtype != model_dtype(original)
     baked, bake_report = bake_model(
-        original, inplace=not keep_original, allow_nonfinite=allow_nonfinite, progress=count
+        original,
+        inplace=not keep_original,
+        allow_nonfinite=allow_nonfinite,
+        weight_dtype=torch.float64 if cast else None,
+        progress=count,
     )
+    if cast:
+        baked = structural_copy(baked, torch.float64)  # exact: folding below then rounds nothing
     fold_report = FoldReport(skipped=NOT_ASKED)
     if fold:
         _report(progress, "fold normalizers")
-        baked, fold_report = fold_model(baked, inplace=not keep_original)
+        baked, fold_report = fold_model(baked, inplace=not keep_original or cast)
+    if cast:
+        baked = structural_copy(baked, dtype)
     if loaded is not None and not keep_original:
         loaded.model = baked
     return Prepared(baked, original if keep_original else None, bake_report, fold_report, path, loaded)

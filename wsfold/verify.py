@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import VerifyInputError, first_line
+from .inputs import ValueRange, per_input, random_array
 from .modeltree import model_dtype, require_module, set_submodule, structural_copy
 from .probe import own_tensors, probe_shapes, run_probe
 
@@ -35,7 +36,14 @@ ORT_LEVELS = {
 }
 SAFETY = 4.0
 FLOOR_ULPS = 8.0
-_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_NP_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
 
 
 @dataclass
@@ -182,7 +190,17 @@ def float64_reference(model: nn.Module, detection: Detection) -> tuple[nn.Module
     return model64, replaced
 
 
-def _compare(o: np.ndarray, r: torch.Tensor, r64: torch.Tensor, check: OutputCheck, rule, unit: float) -> None:
+def _compare(
+    o: np.ndarray,
+    r: torch.Tensor,
+    r64: torch.Tensor,
+    check: OutputCheck,
+    rule,
+    unit: float,
+    r_graph: torch.Tensor | None = None,
+) -> None:
+    """Fold one output of one sample into ``check``. The rule measures the original's own error on ``r_graph``
+    (the checkpoint's math at the graph's precision) when given, else on ``r``."""
     if list(o.shape) != list(r.shape):
         check.passed = False
         check.problems.append(f"shape {list(o.shape)} in the ONNX graph vs {list(r.shape)} in the checkpoint")
@@ -216,7 +234,7 @@ def _compare(o: np.ndarray, r: torch.Tensor, r64: torch.Tensor, check: OutputChe
         check.warn("the checkpoint's output is all zero on these inputs: agreement on it proves little")
     elif ref64.numel() > 1 and float(ref64.max() - ref64.min()) == 0.0:
         check.warn("the checkpoint's output is constant on these inputs: agreement on it proves little")
-    ok, allowed, what = rule(o64, r32, ref64, unit, check)
+    ok, allowed, what = rule(o64, r32 if r_graph is None else r_graph.detach().double(), ref64, unit, check)
     check.allowed = max(check.allowed, allowed)
     if not ok:
         check.passed = False
@@ -275,15 +293,23 @@ def _allclose_rule(atol: float, rtol: float):
 
 
 def sample_inputs(
-    session, shapes: list[tuple[int, ...]] | None, samples: int, seed: int, default_shape: tuple[int, ...] | None
+    session,
+    shapes: list[tuple[int, ...]] | None,
+    samples: int,
+    seed: int,
+    default_shape: tuple[int, ...] | None,
+    value_ranges: list[ValueRange | None] | None = None,
+    grow: int = 1,
 ) -> list[dict[str, np.ndarray]]:
-    """Seeded random inputs: each sample at batch 1 and (if the batch is dynamic) batch 3, and at two spatial
-    sizes when those are dynamic."""
+    """Seeded random inputs (see inputs.random_array, or ``value_ranges`` per input): each sample at batch 1 and
+    (if the batch is dynamic) batch 3, and at two spatial sizes (the base, and ``grow`` more) when those are
+    dynamic."""
     inputs = session.get_inputs()
     if shapes and len(shapes) != len(inputs):
         raise VerifyInputError(
             f"{len(shapes)} --input-shape given for a graph with {len(inputs)} input(s).", "give one per graph input."
         )
+    ranges = per_input(value_ranges, len(inputs), "--input-range")
     bases, dyn_batch, dyn_space = [], False, False
     for i, spec in enumerate(inputs):
         dims = list(spec.shape)
@@ -308,23 +334,22 @@ def sample_inputs(
         bases.append(base)
     variants = []
     for batch in [1, 3] if dyn_batch else [None]:
-        for grow in [0, 1] if dyn_space else [0]:
-            variants.append((batch, grow))
+        for extra in [0, grow] if dyn_space and grow else [0]:
+            variants.append((batch, extra))
     out = []
     for s in range(samples):
-        for batch, grow in variants:
+        for batch, extra in variants:
             gen = np.random.default_rng(seed + s)
             feed = {}
-            for spec, base in zip(inputs, bases):
+            for spec, base, value_range in zip(inputs, bases, ranges):
                 dims = list(spec.shape)
                 shape = list(base)
                 if batch is not None:
                     shape[0] = batch
                 for j in range(2, len(shape)):
-                    if grow and not (isinstance(dims[j], int) and dims[j] > 0):
-                        shape[j] += grow
-                dtype = _NP_DTYPES.get(spec.type, np.float32)
-                feed[spec.name] = gen.standard_normal(shape).astype(dtype)
+                    if extra and not (isinstance(dims[j], int) and dims[j] > 0):
+                        shape[j] += extra
+                feed[spec.name] = random_array(shape, _NP_DTYPES.get(spec.type, np.float32), gen, value_range)
             out.append(feed)
     return out
 
@@ -381,24 +406,49 @@ def load_inputs(path: Path, session) -> list[dict[str, np.ndarray]]:
     return [{n: arrays[n].astype(types[n]) for n in names}]
 
 
-def _run_checks(session, model, model64, feeds, rule, unit, onnx_names) -> list[OutputCheck]:
+def _as_args(arrays: list[np.ndarray], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Feed arrays as model arguments: floating ones at ``dtype``, integer and bool ones as they are."""
+    return tuple(
+        torch.from_numpy(np.ascontiguousarray(a)).to(dtype) if a.dtype.kind == "f" else torch.from_numpy(a)
+        for a in arrays
+    )
+
+
+def _evaluate(model: nn.Module, args: tuple[torch.Tensor, ...]):
     from .export import flatten_outputs
 
+    try:
+        with torch.no_grad():
+            return flatten_outputs(model(*args))
+    except Exception as exc:  # noqa: BLE001 - the user's model, on the user's shapes
+        shapes = ", ".join(f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args)
+        raise VerifyInputError(
+            f"the checkpoint's model cannot run on inputs {shapes} ({type(exc).__name__}: {first_line(exc)}).",
+            "fix --input-shape, --input-range or --inputs (or the model's own code).",
+        ) from None
+
+
+@dataclass
+class _References:
+    """The checkpoint's model at its own dtype, in float64, and (for a graph of lower precision than the
+    checkpoint) at the graph's dtype: what the checkpoint's own math gives at that precision."""
+
+    model: nn.Module
+    model64: nn.Module
+    at_graph_dtype: nn.Module | None = None
+    graph_dtype: torch.dtype | None = None
+
+
+def _run_checks(session, refs: _References, feeds, rule, unit, onnx_names) -> list[OutputCheck]:
     checks: list[OutputCheck] = []
     for feed in feeds:
         _check_feed(session, feed)
-        args = tuple(torch.from_numpy(feed[i.name]).to(model_dtype(model)) for i in session.get_inputs())
-        try:
-            with torch.no_grad():
-                ref_names, ref = flatten_outputs(model(*args))
-                _, ref64 = flatten_outputs(model64(*(a.double() for a in args)))
-        except Exception as exc:  # noqa: BLE001 - the user's model, on the user's shapes
-            shapes = ", ".join(str(list(a.shape)) for a in args)
-            raise VerifyInputError(
-                f"the checkpoint's model cannot run on inputs of shape {shapes} "
-                f"({type(exc).__name__}: {first_line(exc)}).",
-                "fix --input-shape or --inputs (or the model's own code).",
-            ) from None
+        arrays = [feed[i.name] for i in session.get_inputs()]
+        ref_names, ref = _evaluate(refs.model, _as_args(arrays, model_dtype(refs.model)))
+        _, ref64 = _evaluate(refs.model64, _as_args(arrays, torch.float64))
+        ref_g = None
+        if refs.at_graph_dtype is not None:
+            _, ref_g = _evaluate(refs.at_graph_dtype, _as_args(arrays, refs.graph_dtype))
         try:
             outs = session.run(None, feed)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
@@ -426,7 +476,7 @@ def _run_checks(session, model, model64, feeds, rule, unit, onnx_names) -> list[
                     )
                 continue
             check.shape = list(outs[i].shape)
-            _compare(outs[i], ref[i], ref64[i], check, rule, unit)
+            _compare(outs[i], ref[i], ref64[i], check, rule, unit, None if ref_g is None else ref_g[i])
     return checks
 
 
@@ -455,10 +505,12 @@ def verify_onnx(
     rtol: float | None = None,
     ort_opt_level: str = "all",
     per_layer: bool = True,
+    value_ranges: list[ValueRange | None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> VerificationResult:
     """Compare ``onnx_path`` with the original ``model`` (unbaked, as loaded from SOURCE), or with the original of
-    a :func:`wsfold.prepare` result (whose detection and baked model are then reused). ``model`` is not changed."""
+    a :func:`wsfold.prepare` result (whose detection and baked model are then reused). ``model`` is not changed.
+    ``value_ranges``: per input, where random samples are drawn (see wsfold.inputs)."""
     from .detect import Detection, detect_layers
     from .export import declared_input_shape
     from .pipeline import Prepared
@@ -494,13 +546,20 @@ def verify_onnx(
         progress("float64 reference")
     model64, _ = float64_reference(model, detection)
     session = ort_session(onnx_path, ort_opt_level)
-    feeds = (
-        load_inputs(inputs_file, session)
-        if inputs_file
-        else sample_inputs(session, input_shapes, samples, seed, declared_input_shape(model))
-    )
-    # The allowance is anchored to the checkpoint's precision, whatever precision the graph computes in.
-    unit = torch.finfo(model_dtype(model)).eps / 2
+    notes: list[str] = []
+    if inputs_file:
+        feeds = load_inputs(inputs_file, session)
+    else:
+        default = declared_input_shape(model)
+        grow = _accepted_growth(session, model, input_shapes, default, value_ranges, notes)
+        feeds = sample_inputs(session, input_shapes, samples, seed, default, value_ranges, grow)
+    refs = _References(model, model64)
+    graph_dtype = _graph_float_dtype(session)
+    if graph_dtype is not None and torch.finfo(graph_dtype).eps > torch.finfo(model_dtype(model)).eps:
+        # A graph of lower precision than the checkpoint (export --dtype float16) is held to what the
+        # checkpoint's own math gives at that precision, not to what it gives at its own.
+        refs.at_graph_dtype, refs.graph_dtype = structural_copy(model, graph_dtype).eval(), graph_dtype
+    unit = torch.finfo(refs.graph_dtype or model_dtype(model)).eps / 2
     if atol is not None or rtol is not None:
         atol, rtol = atol or 0.0, rtol or 0.0
         rule, criterion = _allclose_rule(atol, rtol), f"allclose(atol={atol:g}, rtol={rtol:g}) against the checkpoint"
@@ -513,10 +572,14 @@ def verify_onnx(
     onnx_names = [o.name for o in session.get_outputs()]
     if progress:
         progress(f"run {len(feeds)} input batch(es)")
-    checks = _run_checks(session, model, model64, feeds, rule, unit, onnx_names)
+    checks = _run_checks(session, refs, feeds, rule, unit, onnx_names)
     result = VerificationResult(criterion, samples if not inputs_file else 1, checks, ort_opt_level=ort_opt_level)
     result.input_shapes = [list(v.shape) for v in feeds[0].values()]
-    result.reference, result.notes = _reference(prepared, onnx_path, model)
+    result.reference, more = _reference(prepared, onnx_path, model)
+    result.notes = notes + more
+    if refs.graph_dtype is not None:
+        result.reference += f"; the graph computes in {str(refs.graph_dtype).removeprefix('torch.')}, so the "
+        result.reference += "checkpoint's own error is measured at that precision"
     if per_layer:
         if progress:
             progress("compare initializers per layer")
@@ -524,7 +587,7 @@ def verify_onnx(
     if not all(c.passed for c in checks) and ort_opt_level != "disable":
         if progress:
             progress("re-run with onnxruntime optimizations disabled")
-        plain = _run_checks(ort_session(onnx_path, "disable"), model, model64, feeds, rule, unit, onnx_names)
+        plain = _run_checks(ort_session(onnx_path, "disable"), refs, feeds, rule, unit, onnx_names)
         if all(c.passed for c in plain):
             result.cause = "onnxruntime's graph optimizer (the graph passes with optimizations disabled)"
             result.hint = (
@@ -538,6 +601,36 @@ def verify_onnx(
         result.cause = "the exported graph"
         result.hint = "see the failing layers" if result.layers else "run with --per-layer to find the layer"
     return result
+
+
+def _graph_float_dtype(session) -> torch.dtype | None:
+    names = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
+    for spec in [*session.get_inputs(), *session.get_outputs()]:
+        if spec.type in names:
+            return names[spec.type]
+    return None
+
+
+def _accepted_growth(session, model, shapes, default, value_ranges, notes: list[str]) -> int:
+    """For a graph with dynamic spatial dims: how many more rows and columns a second sample size has, one the
+    original model accepts (a U-Net takes only multiples of its downsampling); 0, with a note, when none is."""
+    if not any(not (isinstance(d, int) and d > 0) for spec in session.get_inputs() for d in list(spec.shape)[2:]):
+        return 0
+    base = sample_inputs(session, shapes, 1, 0, default, value_ranges, grow=0)[0]
+    sizes = [list(a.shape) for a in base.values()]
+    largest = max((max(s[2:], default=0) for s in sizes), default=0)
+    for grow in dict.fromkeys([1, 2, 4, 8, 16, 32, largest]):
+        if grow <= 0:
+            continue
+        feed = sample_inputs(session, shapes, 1, 0, default, value_ranges, grow=grow)[-1]
+        try:
+            with torch.no_grad():
+                model(*_as_args([feed[i.name] for i in session.get_inputs()], model_dtype(model)))
+        except Exception:  # noqa: BLE001 - the model refuses that size: try the next
+            continue
+        return grow
+    notes.append(f"the model accepts no other spatial size near {sizes}: dynamic sizes checked at that one only")
+    return 0
 
 
 def _reference(prepared: Prepared | None, onnx_path: Path, model: nn.Module) -> tuple[str, list[str]]:

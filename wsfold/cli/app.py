@@ -21,6 +21,24 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"wsfold {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print wsfold's version and exit.")
+    ] = False,
+) -> None:
+    """Bake weight-standardized layers into plain convolutions, export constant-weight ONNX, verify it."""
+
+
 Source = Annotated[
     Path,
     typer.Argument(
@@ -69,7 +87,9 @@ def _stdout():
             self.quiet = True
             raise BrokenPipeError
 
-    return _Console(soft_wrap=False)
+    # Not a terminal (a file, a pipe, CI's log): nothing to fit, so no column is cut or folded to 80 characters.
+    width = None if sys.stdout.isatty() else 1000
+    return _Console(soft_wrap=False, width=width)
 
 
 def _emit_json(payload: dict[str, Any]) -> None:
@@ -88,6 +108,7 @@ def _prepare(
     fold=True,
     keep_original=False,
     allow_nonfinite=False,
+    dtype=None,
 ):
     from ..pipeline import prepare
 
@@ -100,6 +121,7 @@ def _prepare(
         fold=fold,
         keep_original=keep_original,
         allow_nonfinite=allow_nonfinite,
+        dtype=dtype,
         progress=stages.reporter(),
     )
 
@@ -202,7 +224,24 @@ InputShape = Annotated[
     ),
 ]
 InputDtype = Annotated[
-    str | None, typer.Option("--input-dtype", help="float32, float16 or float64. Default: the model's dtype.")
+    list[str] | None,
+    typer.Option(
+        "--input-dtype",
+        help="Dtype of each input, in forward's order (one value: all inputs): float32, float16, bfloat16, "
+        "float64, int64, int32, bool. Default: the export dtype for every input.",
+    ),
+]
+InputName = Annotated[
+    list[str] | None,
+    typer.Option("--input-name", help="Name of each graph input (repeat). Default: forward's parameter names."),
+]
+ExportDtype = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="Cast the baked model to float16, bfloat16 or float32 (weights computed in float64, rounded once). "
+        "Default: the checkpoint's dtype.",
+    ),
 ]
 
 
@@ -219,6 +258,14 @@ def verify(
         Path | None, typer.Option("--inputs", help="Real inputs: .npz keyed by input name, or .pt.")
     ] = None,
     input_shape: InputShape = None,
+    input_range: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input-range",
+            help="LOW,HIGH for each input's random samples (repeat; one value: all inputs). Integers are drawn in "
+            "[LOW, HIGH). Default: N(0,1) for floats, [0, 10) for integers.",
+        ),
+    ] = None,
     atol: Annotated[
         float | None,
         typer.Option("--atol", help="Use allclose(onnx, original, atol, rtol) instead of the default rule."),
@@ -246,12 +293,13 @@ def verify(
     progress: ShowProgress = False,
 ) -> None:
     """Check with onnxruntime that the ONNX graph computes what SOURCE computes. Exit 1 when it does not."""
-    from ..export import parse_shape
+    from ..inputs import parse_range, parse_shape
     from ..paths import atomic_path, check_output
     from ..verify import verify_onnx
     from . import render
 
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
+    ranges = [parse_range(r) for r in input_range] if input_range else None
     if report is not None:
         check_output(
             report, force=force, source=source, inputs=[onnx_path, _arch_file(arch), inputs], option="--report"
@@ -271,6 +319,7 @@ def verify(
             rtol=rtol,
             ort_opt_level=ort_opt_level,
             per_layer=per_layer,
+            value_ranges=ranges,
             progress=stages.sequence(),
         )
     payload = {"source": str(source), "onnx": str(onnx_path), **result.to_dict()}
@@ -287,17 +336,6 @@ def verify(
         raise typer.Exit(EXIT_VERIFY_FAILED)
 
 
-def _dtype(name: str | None):
-    if name is None:
-        return None
-    from ..errors import OptionError
-    from ..export import DTYPES
-
-    if name not in DTYPES:
-        raise OptionError(f"--input-dtype {name!r} is not one of {', '.join(DTYPES)}.", "use --input-dtype float32.")
-    return DTYPES[name]
-
-
 @app.command()
 @handle_errors
 def export(
@@ -307,6 +345,8 @@ def export(
     ],
     input_shape: InputShape = None,
     input_dtype: InputDtype = None,
+    input_name: InputName = None,
+    dtype: ExportDtype = None,
     static_batch: Annotated[
         bool, typer.Option("--static-batch", help="Fix the batch dimension (dynamic by default).")
     ] = False,
@@ -333,7 +373,8 @@ def export(
     progress: ShowProgress = False,
 ) -> None:
     """Bake SOURCE in memory (if needed) and write an ONNX graph whose every weight is a constant."""
-    from ..export import export_onnx, parse_shape
+    from ..export import export_onnx
+    from ..inputs import parse_dtype, parse_shape
     from ..paths import check_output
 
     inputs = [_arch_file(arch)]
@@ -341,7 +382,8 @@ def export(
     if external_data:
         data = onnx_path.with_name(f"{onnx_path.name}.data")
         check_output(data, force=force, source=source, inputs=inputs, option="--onnx (its external data file)")
-    dtype = _dtype(input_dtype)
+    input_dtypes = [parse_dtype(d) for d in input_dtype] if input_dtype else None
+    model_dtype = parse_dtype(dtype, "--dtype") if dtype else None
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
         prepared = _prepare(
@@ -353,12 +395,14 @@ def export(
             stages,
             fold=not no_fold,
             allow_nonfinite=allow_nonfinite,
+            dtype=model_dtype,
         )
         result = export_onnx(
             prepared,
             onnx_path,
             input_shapes=shapes,
-            input_dtype=dtype,
+            input_dtypes=input_dtypes,
+            input_names=input_name,
             dynamic_batch=not static_batch,
             dynamic_hw=dynamic_hw,
             exporter=exporter,
