@@ -24,11 +24,11 @@ from torch import nn
 from . import __version__
 from .errors import ExportError, OptionError, first_line
 from .inputs import (
-    FLOAT_DTYPES,
     ValueRange,
     check_names,
     forward_input_names,
     parse_dtype,
+    parse_float_dtype,
     parse_shape,
     per_input,
     random_tensor,
@@ -191,9 +191,7 @@ def export_dtype(model: nn.Module, dtype: torch.dtype | str | None, notes: list[
     """The floating dtype the graph computes in: ``dtype`` if given, else the model's (bfloat16 widens to float32:
     ONNX Conv has no bfloat16, and widening the baked weights is exact)."""
     if dtype is not None:
-        dtype = parse_dtype(dtype, "--dtype")
-        if not dtype.is_floating_point:
-            raise OptionError(f"--dtype {dtype} is not a floating dtype.", f"use one of {', '.join(FLOAT_DTYPES)}.")
+        dtype = parse_float_dtype(dtype)
     else:
         dtype = model_dtype(model)
     if dtype == torch.bfloat16:

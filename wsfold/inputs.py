@@ -58,6 +58,13 @@ def parse_dtype(name: str | torch.dtype, option: str = "--input-dtype") -> torch
     return DTYPES[name]
 
 
+def parse_float_dtype(name: str | torch.dtype, option: str = "--dtype") -> torch.dtype:
+    dtype = parse_dtype(name, option)
+    if not dtype.is_floating_point:
+        raise OptionError(f"{option} {name} is not a floating dtype.", f"use one of {', '.join(FLOAT_DTYPES)}.")
+    return dtype
+
+
 def parse_range(text: str) -> ValueRange:
     parts = text.split(",")
     try:

@@ -13,6 +13,7 @@ from torch import nn
 from .bake import BakeReport, bake_model
 from .detect import Detection
 from .fold import NOT_ASKED, FoldReport, fold_model
+from .inputs import parse_float_dtype
 from .load import LoadedModel, load_model
 from .modeltree import model_dtype, structural_copy
 
@@ -94,6 +95,7 @@ def prepare(
         original = loaded.model
     # Each layer is baked as soon as it is probed, from the weight the probe already standardized.
     count = None if progress is None else (lambda done, total: progress("probe layers", done, total))
+    dtype = None if dtype is None else parse_float_dtype(dtype)
     cast = dtype is not None and dtype != model_dtype(original)
     baked, bake_report = bake_model(
         original,

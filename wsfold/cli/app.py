@@ -374,7 +374,7 @@ def export(
 ) -> None:
     """Bake SOURCE in memory (if needed) and write an ONNX graph whose every weight is a constant."""
     from ..export import export_onnx
-    from ..inputs import parse_dtype, parse_shape
+    from ..inputs import parse_dtype, parse_float_dtype, parse_shape
     from ..paths import check_output
 
     inputs = [_arch_file(arch)]
@@ -383,7 +383,7 @@ def export(
         data = onnx_path.with_name(f"{onnx_path.name}.data")
         check_output(data, force=force, source=source, inputs=inputs, option="--onnx (its external data file)")
     input_dtypes = [parse_dtype(d) for d in input_dtype] if input_dtype else None
-    model_dtype = parse_dtype(dtype, "--dtype") if dtype else None
+    model_dtype = parse_float_dtype(dtype) if dtype else None
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
         prepared = _prepare(

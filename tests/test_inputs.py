@@ -1,0 +1,180 @@
+"""Inputs real models need: several inputs, integer timesteps, names from forward, value ranges, a cast dtype."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import FIXTURES
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from wsfold.cli.app import app
+
+ARCH = f"{FIXTURES / 'models.py'}:unet_tiny"
+TWO_INPUTS = ("--input-shape", "2,3,16,16", "--input-shape", "2", "--input-dtype", "float32", "--input-dtype", "int64")
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def unet(tmp_path):
+    from models import unet_tiny
+
+    src = tmp_path / "unet.pt"
+    torch.save(unet_tiny().state_dict(), src)
+    return src
+
+
+def test_two_inputs_with_an_int64_timestep_export_named_after_forward_and_verify(unet, tmp_path):
+    out = tmp_path / "unet.onnx"
+    res = run("export", unet, "--arch", ARCH, "--onnx", out, *TWO_INPUTS, "--json")
+    assert res.exit_code == 0, res.stderr
+    assert [i["name"] for i in json.loads(res.stdout)["inputs"]] == ["x", "time"]
+    graph = onnx.load(str(out)).graph
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    assert types == {"x": onnx.TensorProto.FLOAT, "time": onnx.TensorProto.INT64}
+    res = run(
+        "verify", unet, "--arch", ARCH, "--onnx", out, "--input-range", "-1,1", "--input-range", "0,1000", "--json"
+    )
+    assert res.exit_code == 0, res.stdout[-3000:]
+    payload = json.loads(res.stdout)
+    assert payload["passed"] and all(layer["passed"] for layer in payload["layers"])
+
+
+def test_input_names_can_be_given_and_must_fit(unet, tmp_path):
+    out = tmp_path / "named.onnx"
+    res = run("export", unet, "--arch", ARCH, "--onnx", out, *TWO_INPUTS, "--input-name", "image", "--input-name", "t")
+    assert res.exit_code == 0, res.stderr
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["image", "t"]
+    res = run("export", unet, "--arch", ARCH, "--onnx", tmp_path / "bad.onnx", *TWO_INPUTS, "--input-name", "a")
+    assert res.exit_code == 2 and "--input-name" in res.stderr
+
+
+def test_verify_samples_integers_in_the_given_range(unet, tmp_path):
+    """Timesteps drawn in [0, 1000) reach rows of the embedding that N(0, 1) samples never would."""
+    from wsfold.inputs import ValueRange, random_array
+
+    rng = np.random.default_rng(0)
+    t = random_array([4096], np.int64, rng, ValueRange(0, 1000))
+    assert t.dtype == np.int64 and t.min() >= 0 and t.max() <= 999 and t.max() > 900
+    x = random_array([4096], np.float32, rng, ValueRange(-1, 1))
+    assert -1 <= x.min() and x.max() < 1
+    assert random_array([8], np.int64, rng).max() < 10  # default range [0, 10)
+
+
+def test_dynamic_hw_verify_uses_a_second_size_the_model_accepts(unet, tmp_path):
+    """The U-Net takes even sizes only: H+1 x W+1 is refused by the model, so verify picks H+2 x W+2."""
+    out = tmp_path / "dyn.onnx"
+    assert run("export", unet, "--arch", ARCH, "--onnx", out, *TWO_INPUTS, "--dynamic-hw", "-q").exit_code == 0
+    res = run(
+        "verify",
+        unet,
+        "--arch",
+        ARCH,
+        "--onnx",
+        out,
+        "--input-shape",
+        "1,3,16,16",
+        "--input-shape",
+        "1",
+        "--input-range",
+        "-1,1",
+        "--input-range",
+        "0,1000",
+        "--samples",
+        "1",
+        "--json",
+    )
+    assert res.exit_code == 0, res.stdout[-3000:] + res.stderr
+    assert (
+        run(
+            "verify",
+            unet,
+            "--arch",
+            ARCH,
+            "--onnx",
+            out,
+            "--input-shape",
+            "1,3,16,16",
+            "--input-shape",
+            "1",
+            "--samples",
+            "1",
+            "--report",
+            tmp_path / "r.json",
+        ).exit_code
+        == 0
+    )
+    shapes = {tuple(json.loads((tmp_path / "r.json").read_text())["input_shapes"][0])}
+    assert shapes == {(1, 3, 16, 16)}
+
+
+@pytest.mark.parametrize("option,value", [("--input-dtype", "int8"), ("--dtype", "int64"), ("--input-range", "5,1")])
+def test_bad_input_options_are_exit_2(unet, tmp_path, option, value):
+    command = "verify" if option == "--input-range" else "export"
+    args = [command, unet, "--arch", ARCH, "--onnx", tmp_path / "x.onnx", option, value]
+    res = run(*args, *TWO_INPUTS[:4]) if command == "export" else run(*args)
+    assert res.exit_code == 2, (res.exit_code, res.stderr)
+    assert res.stderr.startswith("wsfold: error:") and option in res.stderr
+
+
+def _scale_one_filter(path, out, factor=1.01):
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits)
+    w = numpy_helper.to_array(inits[conv.input[1]]).copy()
+    w[0] = (w[0].astype(np.float32) * factor).astype(w.dtype)
+    inits[conv.input[1]].CopyFrom(numpy_helper.from_array(w, conv.input[1]))
+    onnx.save(model, str(out))
+
+
+def test_float16_export_of_a_float32_checkpoint_verifies_and_a_1pct_filter_change_fails(unet, tmp_path):
+    out = tmp_path / "half.onnx"
+    res = run(
+        "export",
+        unet,
+        "--arch",
+        ARCH,
+        "--onnx",
+        out,
+        *TWO_INPUTS[:4],
+        "--input-dtype",
+        "float16",
+        "--input-dtype",
+        "int64",
+        "--dtype",
+        "float16",
+        "--json",
+    )
+    assert res.exit_code == 0, res.stderr
+    graph = onnx.load(str(out)).graph
+    assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["x"] == onnx.TensorProto.FLOAT16
+    assert all(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer if len(i.dims) == 4)
+    common = ("--arch", ARCH, "--input-range", "-1,1", "--input-range", "0,1000", "--json")
+    res = run("verify", unet, "--onnx", out, *common)
+    assert res.exit_code == 0, res.stdout[-3000:]
+    assert "float16" in json.loads(res.stdout)["reference"]
+    bad = tmp_path / "bad.onnx"
+    _scale_one_filter(out, bad)
+    res = run("verify", unet, "--onnx", bad, *common)
+    assert res.exit_code == 1, res.stdout[-3000:]
+    assert [layer["name"] for layer in json.loads(res.stdout)["layers"] if not layer["passed"]] == ["inp"]
+
+
+def test_float16_weights_are_rounded_once_from_float64(unet):
+    """The cast model's standardized weight is the float64 formula rounded once to float16."""
+    import wsfold
+    from wsfold.formulas import standardize
+
+    prepared = wsfold.prepare(unet, arch=ARCH, dtype=torch.float16)
+    original = prepared.original
+    layer = next(layer for layer in prepared.detection.layers if layer.name == "inp")
+    exact = standardize(original.inp.weight, layer.formula)
+    assert prepared.model.inp.weight.dtype == torch.float16
+    torch.testing.assert_close(prepared.model.inp.weight, exact.to(torch.float16), rtol=0, atol=0)
