@@ -12,6 +12,7 @@ _API = {
     "prepare": "pipeline",
     "Prepared": "pipeline",
     "load_model": "load",
+    "load_baked": "load",
     "detect_layers": "detect",
     "iter_layers": "detect",
     "bake_model": "bake",
@@ -26,6 +27,7 @@ __all__ = [
     "prepare",
     "Prepared",
     "load_model",
+    "load_baked",
     "detect_layers",
     "iter_layers",
     "bake_model",
@@ -42,7 +44,7 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs
     from .errors import WsfoldError
     from .export import export_onnx
     from .fold import fold_model
-    from .load import load_model
+    from .load import load_baked, load_model
     from .pipeline import Prepared, prepare
     from .save import save_baked
     from .verify import verify_onnx

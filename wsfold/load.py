@@ -524,3 +524,41 @@ def load_model(
     del sd
     model.eval()
     return LoadedModel(model, path, "state_dict", state_key=found_key, manifest=manifest)
+
+
+def load_baked(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | str | None = None,
+    allow_pickle: bool = False,
+) -> nn.Module:
+    """The one way back to a model wsfold baked, in eval mode.
+
+    - ``.safetensors`` (bake's default): rebuilt from ``arch`` in its baked structure and filled, after the
+      manifest is checked against every baked tensor; a file without a wsfold manifest is refused.
+    - ``.pt2``: ``torch.export.load(path).module()``; torch deserializes part of it with pickle, so this needs
+      ``allow_pickle`` (in a Python of your own, torch alone loads it: no wsfold, no architecture code).
+    - ``.pt``: the pickled module (``allow_pickle``; the architecture's classes must be importable)."""
+    path = Path(path)
+    if path.suffix == ".pt2":
+        if not allow_pickle:
+            raise PickleRefusedError(
+                f"{path}: torch.export.load unpickles parts of a .pt2 file, which can run code.",
+                "if you trust this file, pass --allow-pickle (allow_pickle=True).",
+            )
+        if not path.is_file():
+            raise SourceError(f"{path}: no such file.", "check the path.")
+        try:
+            return torch.export.load(str(path)).module()
+        except Exception as exc:  # noqa: BLE001 - any unreadable archive
+            raise SourceError(
+                f"{path} is not a readable torch.export archive ({first_line(exc)}).", "re-bake it."
+            ) from None
+    loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, allow_pickle=allow_pickle)
+    if path.suffix == ".safetensors" and loaded.manifest is None:
+        raise SourceError(
+            f"{path} has no wsfold manifest: it is not a file wsfold baked.",
+            "use wsfold.load_model for an original checkpoint, or bake it first.",
+        )
+    return loaded.model

@@ -120,7 +120,9 @@ def atomic_path(out: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; once the block succeeds, give it the usual file mode and move it
     onto ``out`` (see place). On any failure or interruption the temporary file is removed."""
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=out.parent)
+    # The output's own suffix last: some writers check it (torch.export.save warns on anything but .pt2).
+    suffix = ".tmp" + (out.suffix if len(out.suffix) <= 16 else "")
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=out.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from .fold import FoldReport
     from .pipeline import Prepared
 
-SUFFIXES = (".pt", ".safetensors")
+SUFFIXES = (".safetensors", ".pt2", ".pt")
 
 
 def manifest(
@@ -59,37 +60,108 @@ def save_baked(
     fold_report: FoldReport | None = None,
     force: bool = False,
     source: str | Path | None = None,
+    input_shapes: Sequence[tuple[int, ...]] | None = None,
+    input_dtypes: Sequence[torch.dtype | str | None] | torch.dtype | str | None = None,
+    dynamic_batch: bool = True,
+    dynamic_hw: bool = False,
 ) -> Path:
     """Save a baked model (or the result of :func:`wsfold.prepare`, which brings its reports and source) to
-    ``out`` atomically, the format from the suffix; returns the path. The reports go into a .safetensors
-    manifest."""
+    ``out`` atomically, the format from the suffix; returns the path.
+
+    - ``.safetensors``: the state dict, with a manifest (what was baked and folded, a digest per baked tensor);
+      it loads back with :func:`wsfold.load_baked` and the same architecture.
+    - ``.pt2``: a torch.export ExportedProgram (input shapes and dtypes as for export_onnx, the batch dynamic
+      unless ``dynamic_batch=False``, spatial sizes with ``dynamic_hw``); it loads with torch alone.
+    - ``.pt``: the whole module, pickled; loading it runs code and needs the architecture's classes."""
     from .pipeline import Prepared
 
     if isinstance(model, Prepared):
         model, bake_report, fold_report, source = model.model, model.bake, model.fold, source or model.source
     require_module(model, "save_baked")
     out = check_output(Path(out), force=force, source=Path(source) if source else None, suffixes=SUFFIXES)
+    if out.suffix == ".pt2":
+        program = exported_program(model, input_shapes, input_dtypes, dynamic_batch, dynamic_hw)
     with atomic_path(out, force=force) as tmp:
         if out.suffix == ".pt":
-            try:
-                torch.save(model, tmp)
-            except (pickle.PicklingError, AttributeError, TypeError) as exc:
-                raise OutputError(
-                    f"the baked model cannot be pickled whole ({type(exc).__name__}: {first_line(exc)}).",
-                    f"write a state dict instead: -o {out.with_suffix('.safetensors')}.",
-                ) from None
+            _write_pickle(model, tmp, out)
+        elif out.suffix == ".pt2":
+            torch.export.save(program, tmp)
         else:
-            from safetensors.torch import save_file
-
-            seen: dict[tuple[int, int], str] = {}
-            tensors = {}
-            for key, t in model.state_dict().items():
-                # safetensors refuses shared storage (tied weights): store a copy of each alias.
-                ident = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
-                t = t.detach()
-                tensors[key] = t.clone().contiguous() if ident in seen or not t.is_contiguous() else t
-                seen[ident] = key
-            save_file(
-                tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(bake_report, fold_report, tensors))}
-            )
+            _write_safetensors(model, tmp, bake_report, fold_report)
     return out
+
+
+def _write_pickle(model: nn.Module, tmp: Path, out: Path) -> None:
+    try:
+        torch.save(model, tmp)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise OutputError(
+            f"the baked model cannot be pickled whole ({type(exc).__name__}: {first_line(exc)}).",
+            f"write a state dict instead: -o {out.with_suffix('.safetensors')}.",
+        ) from None
+
+
+def _write_safetensors(model: nn.Module, tmp: Path, bake_report, fold_report) -> None:
+    from safetensors.torch import save_file
+
+    seen: dict[tuple[int, int], str] = {}
+    tensors = {}
+    for key, t in model.state_dict().items():
+        # safetensors refuses shared storage (tied weights): store a copy of each alias.
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        t = t.detach()
+        tensors[key] = t.clone().contiguous() if ident in seen or not t.is_contiguous() else t
+        seen[ident] = key
+    save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(bake_report, fold_report, tensors))})
+
+
+# aten ops that take a weight: in a baked program each one's weight is a parameter or constant, never computed.
+_WEIGHT_OPS = (
+    "convolution",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "linear",
+)
+
+
+def exported_program(
+    model: nn.Module,
+    input_shapes: Sequence[tuple[int, ...]] | None,
+    input_dtypes,
+    dynamic_batch: bool,
+    dynamic_hw: bool,
+):
+    """The baked model as a torch.export ExportedProgram, audited: every conv/linear weight is a stored tensor."""
+    from .export import resolve_input_shapes, trace_inputs
+
+    shapes = resolve_input_shapes(model, input_shapes)
+    traced = trace_inputs(model, shapes, input_dtypes, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
+    dim = torch.export.Dim.DYNAMIC
+    specs = []
+    for x in traced.args:
+        spec = {0: dim} if dynamic_batch and x.ndim else {}
+        if dynamic_hw:
+            spec.update({d: dim for d in range(2, x.ndim)})
+        specs.append(spec or None)
+    try:
+        program = torch.export.export(traced.model, traced.args, dynamic_shapes=tuple(specs), strict=False)
+    except Exception as exc:  # noqa: BLE001 - torch.export refuses many kinds of model code
+        raise OutputError(
+            f"torch.export cannot capture the baked model ({type(exc).__name__}: {first_line(exc)}).",
+            "write .safetensors or .pt instead, or try without --dynamic-hw.",
+        ) from None
+    stored = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name != "USER_INPUT"}
+    for node in program.graph.nodes:
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if node.op == "call_function" and name in _WEIGHT_OPS and len(node.args) > 1:
+            weight = node.args[1]
+            if getattr(weight, "name", None) not in stored:
+                raise OutputError(
+                    f"the exported program computes the weight of {node.name} ({weight}); a layer is left unbaked.",
+                    "run `wsfold inspect` on SOURCE: unsupported layers stay as they are.",
+                )
+    return program

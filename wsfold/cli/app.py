@@ -170,8 +170,9 @@ def bake(
         typer.Option(
             "--output",
             "-o",
-            help="Output: .pt (whole module) or .safetensors (state dict + manifest). "
-            "Default: SOURCE's stem + .baked.pt beside it.",
+            help="Output: .safetensors (state dict + checked manifest; loads with wsfold.load_baked), .pt2 "
+            "(torch.export program; loads with torch alone) or .pt (pickled module). "
+            "Default: SOURCE's stem + .baked.safetensors beside it.",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists (never SOURCE).")] = False,
@@ -181,17 +182,26 @@ def bake(
     allow_pickle: AllowPickle = False,
     allow_nonfinite: AllowNonfinite = False,
     no_fold: NoFold = False,
+    dtype: ExportDtype = None,
+    input_shape: InputShape = None,
+    input_dtype: InputDtype = None,
+    static_batch: StaticBatch = False,
+    dynamic_hw: DynamicHW = False,
     json_output: JsonOut = False,
     quiet: Quiet = False,
     progress: ShowProgress = False,
 ) -> None:
     """Write a checkpoint whose weight-standardized layers are plain layers holding the exact standardized weights."""
+    from ..inputs import parse_dtype, parse_float_dtype, parse_shape
     from ..paths import check_output
     from ..save import SUFFIXES, save_baked
     from . import render
 
-    out = output or source.with_name(f"{source.name.split('.')[0]}.baked.pt")
+    out = output or source.with_name(f"{source.name.split('.')[0]}.baked.safetensors")
     check_output(out, force=force, source=source, inputs=[_arch_file(arch)], suffixes=SUFFIXES)
+    shapes = [parse_shape(s) for s in input_shape] if input_shape else None
+    input_dtypes = [parse_dtype(d) for d in input_dtype] if input_dtype else None
+    cast = parse_float_dtype(dtype) if dtype else None
     with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
         prepared = _prepare(
             source,
@@ -202,9 +212,18 @@ def bake(
             stages,
             fold=not no_fold,
             allow_nonfinite=allow_nonfinite,
+            dtype=cast,
         )
         stages.sequence()(f"write {out.name}")
-        save_baked(prepared, out, force=force)
+        save_baked(
+            prepared,
+            out,
+            force=force,
+            input_shapes=shapes,
+            input_dtypes=input_dtypes,
+            dynamic_batch=not static_batch,
+            dynamic_hw=dynamic_hw,
+        )
     if json_output:
         _emit_json({**prepared.to_dict(), "output": str(out)})
     elif not quiet:
@@ -231,6 +250,10 @@ InputDtype = Annotated[
         "float64, int64, int32, bool. Default: the export dtype for every input.",
     ),
 ]
+StaticBatch = Annotated[
+    bool, typer.Option("--static-batch", help="Fix the batch dimension (dynamic by default; .onnx and .pt2).")
+]
+DynamicHW = Annotated[bool, typer.Option("--dynamic-hw", help="Make spatial dimensions dynamic too (.onnx, .pt2).")]
 InputName = Annotated[
     list[str] | None,
     typer.Option("--input-name", help="Name of each graph input (repeat). Default: forward's parameter names."),
@@ -347,10 +370,8 @@ def export(
     input_dtype: InputDtype = None,
     input_name: InputName = None,
     dtype: ExportDtype = None,
-    static_batch: Annotated[
-        bool, typer.Option("--static-batch", help="Fix the batch dimension (dynamic by default).")
-    ] = False,
-    dynamic_hw: Annotated[bool, typer.Option("--dynamic-hw", help="Make spatial dimensions dynamic too.")] = False,
+    static_batch: StaticBatch = False,
+    dynamic_hw: DynamicHW = False,
     exporter: Annotated[
         str, typer.Option("--exporter", help="torchscript (default: fastest, see README) or dynamo.")
     ] = "torchscript",

@@ -1,0 +1,82 @@
+"""Baked artifacts users can load: .safetensors by default (checked manifest, wsfold.load_baked), .pt2 with torch
+alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import CATALOG, OUT_TOL, arch_spec, ckpt, fixture_input, load_fixture, rel_err
+from typer.testing import CliRunner
+
+import wsfold
+from wsfold.cli.app import app
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_the_default_bake_output_is_safetensors_and_export_takes_it_without_allow_pickle(tmp_path):
+    src = tmp_path / "bit.safetensors"
+    src.write_bytes(ckpt("bit_tiny").read_bytes())
+    res = run("bake", src, "--arch", arch_spec("bit_tiny"), "-q")
+    assert res.exit_code == 0, res.stderr
+    baked = tmp_path / "bit.baked.safetensors"
+    assert baked.exists()
+    res = run("export", baked, "--arch", arch_spec("bit_tiny"), "--onnx", tmp_path / "m.onnx", "-q")
+    assert res.exit_code == 0, res.stderr
+    res = run("verify", src, "--arch", arch_spec("bit_tiny"), "--onnx", tmp_path / "m.onnx", "-q")
+    assert res.exit_code == 0, res.stdout
+    model = wsfold.load_baked(baked, arch=arch_spec("bit_tiny"))
+    x = fixture_input("bit_tiny")
+    with torch.no_grad():
+        assert rel_err(model(x), load_fixture("bit_tiny")(x)) < OUT_TOL[torch.float32]
+
+
+def test_load_baked_refuses_a_file_wsfold_did_not_bake():
+    with pytest.raises(wsfold.WsfoldError, match="no wsfold manifest"):
+        wsfold.load_baked(ckpt("bit_tiny"), arch=arch_spec("bit_tiny"))
+
+
+@pytest.mark.parametrize("name", ["bit_tiny", "ws_bn"])
+def test_pt2_loads_in_a_python_with_only_torch_and_matches_at_batch_1_and_3(tmp_path, name):
+    out = tmp_path / f"{name}.pt2"
+    shape = ",".join(map(str, (1, *CATALOG[name]["input"][1:])))
+    res = run("bake", ckpt(name), "--arch", arch_spec(name), "-o", out, "--input-shape", shape, "-q")
+    assert res.exit_code == 0, res.stderr
+    original = load_fixture(name)
+    for batch in (1, 3):
+        x = fixture_input(name, batch=batch)
+        torch.save(x, tmp_path / f"x{batch}.pt")
+        with torch.no_grad():
+            torch.save(original(x), tmp_path / f"ref{batch}.pt")
+    script = (
+        "import sys, torch\n"
+        f"m = torch.export.load({str(out)!r}).module()\n"
+        "for b in (1, 3):\n"
+        f"    x = torch.load({str(tmp_path)!r} + f'/x{{b}}.pt')\n"
+        f"    ref = torch.load({str(tmp_path)!r} + f'/ref{{b}}.pt')\n"
+        "    got = m(x)\n"
+        "    err = float((got.double() - ref.double()).abs().max() / ref.double().abs().max())\n"
+        "    assert got.shape == ref.shape and err < 1e-5, (b, err)\n"
+        "assert not any(k.startswith('wsfold') or k == 'models' for k in sys.modules)\n"
+        "print('ok')\n"
+    )
+    # -I: isolated (no PYTHONPATH, no current directory, no user site): torch, and nothing of wsfold's.
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_pt2_graph_holds_no_weight_arithmetic(tmp_path):
+    out = tmp_path / "v.pt2"
+    res = run("bake", ckpt("variants"), "--arch", arch_spec("variants"), "-o", out, "--input-shape", "1,3,12,12", "-q")
+    assert res.exit_code == 0, res.stderr
+    program = torch.export.load(str(out))
+    ops = {getattr(n.target, "__name__", str(n.target)) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any(op.startswith(("var", "mean", "std", "sqrt", "rsqrt", "batch_norm")) for op in ops), ops
+    with torch.no_grad():
+        x = fixture_input("variants", batch=1)
+        assert rel_err(program.module()(x), load_fixture("variants")(x)) < OUT_TOL[torch.float32]
