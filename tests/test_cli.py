@@ -72,7 +72,7 @@ def test_bake_default_output_is_beside_source(tmp_path):
     shutil.copy(ckpt("unsupported"), src)
     result = run("bake", src, "--arch", arch_spec("unsupported"), "-q")
     assert result.exit_code == 0, result.stderr
-    assert (tmp_path / "model.baked.pt").exists() and result.stdout == ""
+    assert (tmp_path / "model.baked.safetensors").exists() and result.stdout == ""
 
 
 def test_bake_safetensors_roundtrip_matches_original(tmp_path):
