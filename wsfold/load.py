@@ -150,38 +150,71 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def find_state_dict(obj: Any, state_key: str | None, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The state dict inside a checkpoint object (a training checkpoint stores it under a key)."""
+    """The state dict inside a checkpoint object (a training checkpoint stores it under a key).
+
+    ``state_key`` walks nested dicts first, then key prefixes: ``ema.ema_model.model`` takes the dict at ``ema``
+    and keeps its keys under ``ema_model.model.``, with that prefix stripped."""
     if state_key:
-        node = obj
-        for part in state_key.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                keys = ", ".join(map(str, list(obj)[:10])) if isinstance(obj, Mapping) else type(obj).__name__
-                raise OptionError(
-                    f"--state-key {state_key!r} is not in {path} (top-level keys: {keys}).",
-                    "pick one of the keys listed.",
-                )
-            node = node[part]
-        if not _is_state_dict(node):
-            raise OptionError(
-                f"--state-key {state_key!r} in {path} does not hold a state dict of tensors.",
-                "pick the key that holds the model weights.",
-            )
-        return _strip_prefix(dict(node)), state_key
+        return _walk_state_key(obj, state_key, path), state_key
     if _is_state_dict(obj):
-        return _strip_prefix(dict(obj)), None
+        return dict(obj), None
     if isinstance(obj, Mapping):
         for key in STATE_KEYS:
             if key in obj and _is_state_dict(obj[key]):
-                return _strip_prefix(dict(obj[key])), key
+                return dict(obj[key]), key
         keys = ", ".join(map(str, list(obj)[:10]))
         raise SourceError(
             f"{path} holds a dict without a state dict under any usual key (keys: {keys}).",
-            "name the key that holds the weights with --state-key KEY.",
+            "name the key that holds the weights with --state-key KEY (dotted for nesting and prefixes).",
         )
     raise SourceError(
         f"{path} holds a {type(obj).__name__}, not a state dict or an nn.Module.",
         "save the model's state_dict() with torch.save.",
     )
+
+
+def _walk_state_key(obj: Any, state_key: str, path: Path) -> dict[str, torch.Tensor]:
+    node, parts = obj, state_key.split(".")
+    while parts and isinstance(node, Mapping) and isinstance(node.get(parts[0]), Mapping):
+        node = node[parts.pop(0)]
+    if not isinstance(node, Mapping):
+        raise OptionError(f"--state-key {state_key!r} does not lead to a dict in {path}.", "pick a key that does.")
+    if parts:
+        prefix = ".".join(parts) + "."
+        sub = {k[len(prefix) :]: v for k, v in node.items() if isinstance(k, str) and k.startswith(prefix)}
+        if not sub:
+            heads = sorted({str(k).split(".")[0] for k in node})[:10]
+            raise OptionError(
+                f"--state-key {state_key!r}: no key of {path} at that place starts with {prefix!r} "
+                f"(they start with: {', '.join(heads) or 'nothing'}).",
+                "pick one of the names listed.",
+            )
+        node = sub
+    if not _is_state_dict(node):
+        raise OptionError(
+            f"--state-key {state_key!r} in {path} does not hold a state dict of tensors.",
+            "pick the key that holds the model weights.",
+        )
+    return dict(node)
+
+
+def fit_prefixes(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """``sd`` with a wrapper's prefix stripped (``module.`` from DataParallel/DDP, ``_orig_mod.`` from
+    torch.compile) only when that makes it fit the architecture's keys better."""
+
+    def misfit(keys) -> int:
+        return len(set(keys) ^ expected)
+
+    best, best_misfit = sd, misfit(sd)
+    candidate = sd
+    while best_misfit and candidate:
+        prefix = next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in candidate)), None)
+        if prefix is None:
+            break
+        candidate = {k[len(prefix) :]: v for k, v in candidate.items()}
+        if misfit(candidate) < best_misfit:
+            best, best_misfit = candidate, misfit(candidate)
+    return best
 
 
 def check_tensors(tensors: Mapping[Any, Any], path: Path) -> None:
@@ -213,13 +246,6 @@ def _check_one_dtype(params: Mapping[str, torch.Tensor]) -> None:
             f"{kb} is {str(db).removeprefix('torch.')}.",
             "cast the whole checkpoint to one dtype (model.half() or model.float()) before saving it.",
         )
-
-
-def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
 
 
 def resolve_arch(spec: str) -> Callable[..., Any]:
@@ -311,14 +337,17 @@ def _has_meta_tensors(model: nn.Module) -> bool:
     return False
 
 
-def build_and_load(spec: str, kwargs, sd: Mapping[str, torch.Tensor], manifest: dict | None) -> nn.Module:
-    """Build the architecture on the meta device (no memory for a random init that the checkpoint replaces) and
-    assign the checkpoint's tensors; if anything is left on meta (a non-persistent buffer, a tensor attribute, a
-    constructor that needs real tensors), build it on the CPU instead."""
+def build_and_load(
+    build: Callable[[], nn.Module], spec: str, sd: Mapping[str, torch.Tensor], manifest: dict | None
+) -> nn.Module:
+    """Build the architecture (``build``, named ``spec`` in messages) on the meta device (no memory for a random
+    init that the checkpoint replaces) and assign the checkpoint's tensors; if anything is left on meta (a
+    non-persistent buffer, a tensor attribute, a constructor that needs real tensors), build it on the CPU
+    instead."""
     for device in ("meta", "cpu"):
         try:
             with torch.device(device):
-                model = build_arch(spec, kwargs)
+                model = build()
         except UserCodeError:
             if device == "meta":
                 continue  # some constructors cannot run on meta; the CPU build is the fallback
@@ -333,11 +362,12 @@ def build_and_load(spec: str, kwargs, sd: Mapping[str, torch.Tensor], manifest: 
             model.eval()
             model, _ = bake_model(model, inplace=True, allow_nonfinite=True)
             model = restore_fold_structure(model, manifest.get("folded", []))
+        fitted = fit_prefixes(dict(sd), set(model.state_dict()))
         if device == "cpu":
-            load_strict(model, sd, spec)
+            load_strict(model, fitted, spec)
             return model
         try:
-            load_strict(model, sd, spec)
+            load_strict(model, fitted, spec)
         except UserCodeError:
             continue  # a load hook that computes on its buffers cannot run on meta: the CPU build decides
         if not _has_meta_tensors(model):
@@ -498,6 +528,10 @@ def load_model(
     if not isinstance(source, (str, Path)):
         raise TypeError(f"load_model expects a checkpoint path, not {type(source).__name__}")
     path = Path(source)
+    if path.is_dir():
+        from .hub import load_directory
+
+        return load_directory(path, arch=arch, arch_kwargs=arch_kwargs)
     obj, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
     if isinstance(obj, nn.Module):
         _check_module(obj, path)
@@ -520,7 +554,7 @@ def load_model(
         )
     manifest = read_manifest(metadata, sd, path)
     del obj
-    model = build_and_load(arch, arch_kwargs, sd, manifest)
+    model = build_and_load(lambda: build_arch(arch, arch_kwargs), arch, sd, manifest)
     del sd
     model.eval()
     return LoadedModel(model, path, "state_dict", state_key=found_key, manifest=manifest)

@@ -643,6 +643,8 @@ def _reference(prepared: Prepared | None, onnx_path: Path, model: nn.Module) -> 
     source = prepared.source if prepared is not None else None
     if source is None:
         return f"the model handed to verify_onnx, in PyTorch at {dtype} and in float64", []
+    if source.is_dir():
+        return f"the model directory {source}, in PyTorch at {dtype} and in float64", []
     digest = file_sha256(source)
     loaded = prepared.loaded
     if loaded is not None and loaded.manifest is not None:

@@ -1,0 +1,168 @@
+"""Checkpoints as users have them: trainer checkpoints with prefixes, model directories from the hubs' libraries."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import FIXTURES, OUT_TOL, arch_spec, ckpt, fixture_input, load_fixture, rel_err
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import wsfold
+from wsfold.cli.app import app
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+HAS_TIMM = importlib.util.find_spec("timm") is not None and importlib.util.find_spec("torchvision") is not None
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def bit_state_dict() -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_fixture("bit_tiny").state_dict().items()}
+
+
+def test_state_key_walks_nested_dicts_then_prefixes(tmp_path):
+    sd = bit_state_dict()
+    src = tmp_path / "trainer.pt"
+    torch.save({"epoch": 7, "ema": {f"ema_model.model.{k}": v for k, v in sd.items()}, "model": {}}, src)
+    res = run("inspect", src, "--arch", arch_spec("bit_tiny"), "--state-key", "ema.ema_model.model", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert [layer["name"] for layer in json.loads(res.stdout)["layers"]] == ["0", "5", "8", "11"]
+    res = run("inspect", src, "--arch", arch_spec("bit_tiny"), "--state-key", "ema.ema_model.net", "--json")
+    assert res.exit_code == 2 and "ema_model" in res.stderr and "start with" in res.stderr
+
+
+def test_module_prefix_is_stripped_only_when_that_makes_the_state_dict_fit(tmp_path):
+    arch = tmp_path / "wrapped.py"
+    arch.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(FIXTURES)!r})\n"
+        "from models import bit_tiny\n"
+        "class Wrapper(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.module = bit_tiny()\n"
+        "    def forward(self, x):\n"
+        "        return self.module(x)\n"
+    )
+    sd = {f"module.{k}": v for k, v in bit_state_dict().items()}
+    src = tmp_path / "wrapped.pt"
+    torch.save(sd, src)
+    # The architecture's own keys start with "module.": nothing is stripped.
+    res = run("inspect", src, "--arch", f"{arch}:Wrapper", "--json")
+    assert res.exit_code == 0, res.stderr
+    # A DataParallel checkpoint of the plain architecture: "module." is stripped.
+    res = run("inspect", src, "--arch", arch_spec("bit_tiny"), "--json")
+    assert res.exit_code == 0, res.stderr
+
+
+def _fixture_dir(tmp_path, config: dict, weights: str = "model.safetensors"):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    sd = bit_state_dict()
+    if weights == "model.safetensors":
+        save_file(sd, str(folder / weights))
+    elif weights == "sharded":
+        keys = sorted(sd)
+        half = len(keys) // 2
+        shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+        for name, part in shards.items():
+            save_file({k: sd[k] for k in part}, str(folder / name))
+        index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        torch.save(sd, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "sharded", "pytorch_model.bin"])
+def test_a_model_directory_with_arch_reads_each_weight_layout(tmp_path, weights):
+    folder = _fixture_dir(tmp_path, {}, weights)
+    prepared = wsfold.prepare(folder, arch=arch_spec("bit_tiny"))
+    x = fixture_input("bit_tiny")
+    with torch.no_grad():
+        assert rel_err(prepared.model(x), load_fixture("bit_tiny")(x)) < OUT_TOL[torch.float32]
+
+
+@pytest.mark.parametrize(
+    "config,needle",
+    [({"hidden_size": 3}, "names no architecture"), ({"architectures": ["NoSuchModelAnywhere"]}, "does not have")],
+)
+def test_a_model_directory_that_names_no_usable_architecture_is_exit_2(tmp_path, config, needle):
+    if "architectures" in config and not HAS_TRANSFORMERS:
+        needle = "wsfold[hf]"
+    folder = _fixture_dir(tmp_path, config)
+    res = run("inspect", folder)
+    assert res.exit_code == 2, res.stderr
+    assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_directory_without_config_is_exit_2(tmp_path):
+    res = run("inspect", tmp_path)
+    assert res.exit_code == 2 and "config.json" in res.stderr
+
+
+def test_a_timm_directory_needs_timm_and_says_which_extra(tmp_path):
+    if HAS_TIMM:
+        pytest.skip("timm is importable: the directory is read for real in test_timm_directory")
+    folder = _fixture_dir(tmp_path, {"architecture": "nf_regnet_b0", "num_classes": 10, "model_args": {}})
+    res = run("export", folder, "--onnx", tmp_path / "m.onnx")
+    assert res.exit_code == 2, res.stderr
+    assert "timm" in res.stderr and "wsfold[timm]" in res.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.skipif(not HAS_TIMM, reason="timm (and torchvision) cannot be imported here")
+def test_timm_directory(tmp_path):  # pragma: no cover - runs where timm is installed
+    import timm
+
+    model = timm.create_model("nf_regnet_b0", pretrained=False, num_classes=10).eval()
+    timm.models.push_to_hf_hub  # noqa: B018 - the save_for_hf helper lives next to it
+    from timm.models._hub import save_for_hf
+
+    save_for_hf(model, tmp_path / "nf")
+    assert run("export", tmp_path / "nf", "--onnx", tmp_path / "nf.onnx", "-q").exit_code == 0
+    assert run("verify", tmp_path / "nf", "--onnx", tmp_path / "nf.onnx", "-q").exit_code == 0
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed (pip install 'wsfold[hf]')")
+def test_transformers_bit_directory_exports_and_verifies_without_arch(tmp_path):
+    import transformers
+
+    config = transformers.BitConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="preactivation",
+        global_padding="SAME",
+        num_labels=5,
+        image_size=32,
+        num_groups=4,
+    )
+    torch.manual_seed(0)
+    transformers.BitForImageClassification(config).eval().save_pretrained(tmp_path / "bit")
+    res = run("inspect", tmp_path / "bit", "--json")
+    assert res.exit_code == 0, res.stderr
+    layers = json.loads(res.stdout)["layers"]
+    assert len(layers) == 9 and {layer["formula"] for layer in layers} == {"V1"}
+    res = run("export", tmp_path / "bit", "--onnx", tmp_path / "bit.onnx", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert [i["name"] for i in json.loads(res.stdout)["inputs"]] == ["pixel_values"]
+    res = run("verify", tmp_path / "bit", "--onnx", tmp_path / "bit.onnx", "--json")
+    assert res.exit_code == 0, res.stdout[-2000:]
+    payload = json.loads(res.stdout)
+    assert payload["passed"] and payload["layers"] and all(layer["passed"] for layer in payload["layers"])
+
+
+def test_a_hub_id_is_not_a_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = run("inspect", "google/bit-50")
+    assert res.exit_code == 2 and "no such file" in res.stderr
+    assert ckpt("bit_tiny").exists()
