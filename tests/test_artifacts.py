@@ -80,3 +80,18 @@ def test_pt2_graph_holds_no_weight_arithmetic(tmp_path):
     with torch.no_grad():
         x = fixture_input("variants", batch=1)
         assert rel_err(program.module()(x), load_fixture("variants")(x)) < OUT_TOL[torch.float32]
+
+
+def test_a_pt2_is_a_source_for_export_and_verify_with_allow_pickle(tmp_path):
+    pt2 = tmp_path / "bit.pt2"
+    assert run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", pt2, "-q").exit_code == 0
+    onnx_path = tmp_path / "bit.onnx"
+    res = run("export", pt2, "--onnx", onnx_path, "--input-shape", "1,3,32,32")
+    assert res.exit_code == 2 and "--allow-pickle" in res.stderr  # torch.export.load unpickles
+    res = run("export", pt2, "--onnx", onnx_path, "--input-shape", "1,3,32,32", "--allow-pickle", "-q")
+    assert res.exit_code == 0, res.stderr
+    # The graph made from the .pt2 computes what the original checkpoint computes.
+    res = run("verify", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "--onnx", onnx_path, "-q")
+    assert res.exit_code == 0, res.stdout
+    res = run("verify", pt2, "--allow-pickle", "--onnx", onnx_path, "--input-shape", "1,3,32,32", "-q")
+    assert res.exit_code == 0, res.stdout

@@ -33,7 +33,7 @@ from .inputs import (
     per_input,
     random_tensor,
 )
-from .modeltree import copy_paths, model_dtype, require_module, structural_copy
+from .modeltree import copy_paths, model_dtype, require_module, set_eval, structural_copy
 from .paths import check_output, temp_folder
 
 if TYPE_CHECKING:
@@ -172,6 +172,30 @@ def freeze_same_pads(model: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Mod
     return frozen
 
 
+class _Modeless(nn.Module):
+    """Holds a torch.export program's module, which refuses train()/eval() (the TorchScript exporter calls
+    them): only this wrapper's own flag changes."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def train(self, mode: bool = True) -> _Modeless:
+        self.training = mode
+        return self
+
+    def forward(self, *args):
+        return self.module(*args)
+
+
+def _refuses_modes(model: nn.Module) -> bool:
+    try:
+        model.train(model.training)
+    except NotImplementedError:
+        return True
+    return False
+
+
 @dataclass
 class TraceInputs:
     """What the exporter is handed: a private copy of the model (export dtype, eval mode, static pads frozen),
@@ -216,7 +240,9 @@ def trace_inputs(
     the export dtype; integer and bool inputs keep theirs."""
     notes: list[str] = []
     dtype = export_dtype(model, dtype, notes)
-    private = structural_copy(model, dtype if dtype != model_dtype(model) else None).eval()
+    private = set_eval(structural_copy(model, dtype if dtype != model_dtype(model) else None))
+    if _refuses_modes(private):
+        private = _Modeless(private)
     count = len(input_shapes)
     if isinstance(input_dtypes, (str, torch.dtype)):
         input_dtypes = [input_dtypes]

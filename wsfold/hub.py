@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import ArchitectureError, SourceError, UserCodeError, first_line
+from .modeltree import set_eval
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -157,5 +158,5 @@ def load_directory(path: Path, *, arch: str | None = None, arch_kwargs=None):
     sd = read_weights(path)
     model = build_and_load(build, label, sd, None)
     del sd
-    model.eval()
+    set_eval(model)
     return LoadedModel(model, path, "directory")

@@ -27,6 +27,7 @@ from .errors import (
     UserCodeError,
     first_line,
 )
+from .modeltree import set_eval
 
 STATE_KEYS = (
     "state_dict",
@@ -50,7 +51,7 @@ class LoadedModel:
 
     model: nn.Module
     source: Path
-    kind: str  # "state_dict" | "module"
+    kind: str  # "state_dict" | "module" | "directory" | "exported" (a torch.export program, already baked)
     state_key: str | None = None
     manifest: dict[str, Any] | None = None  # present when SOURCE is a wsfold-baked safetensors file
 
@@ -359,7 +360,7 @@ def build_and_load(
 
             if device == "meta":
                 continue  # baking needs to run the layers
-            model.eval()
+            set_eval(model)
             model, _ = bake_model(model, inplace=True, allow_nonfinite=True)
             model = restore_fold_structure(model, manifest.get("folded", []))
         fitted = fit_prefixes(dict(sd), set(model.state_dict()))
@@ -532,16 +533,19 @@ def load_model(
         from .hub import load_directory
 
         return load_directory(path, arch=arch, arch_kwargs=arch_kwargs)
+    if path.suffix == ".pt2":
+        program = load_baked(path, allow_pickle=allow_pickle)
+        return LoadedModel(program, path, "exported")
     obj, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
     if isinstance(obj, nn.Module):
         _check_module(obj, path)
-        obj.eval()
+        set_eval(obj)
         return LoadedModel(obj, path, "module")
     if isinstance(obj, Mapping) and not state_key:
         for key in STATE_KEYS:
             if isinstance(obj.get(key), nn.Module):
                 _check_module(obj[key], path)
-                obj[key].eval()
+                set_eval(obj[key])
                 return LoadedModel(obj[key], path, "module", state_key=key)
     if isinstance(obj, Mapping):
         check_tensors(obj, path)
@@ -556,7 +560,7 @@ def load_model(
     del obj
     model = build_and_load(lambda: build_arch(arch, arch_kwargs), arch, sd, manifest)
     del sd
-    model.eval()
+    set_eval(model)
     return LoadedModel(model, path, "state_dict", state_key=found_key, manifest=manifest)
 
 

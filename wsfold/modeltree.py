@@ -113,11 +113,18 @@ def structural_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
     return clone(model)
 
 
+def set_eval(model: nn.Module) -> nn.Module:
+    """Every module's training flag off, set directly: a torch.export program's module refuses .eval() itself."""
+    for m in model.modules():
+        m.training = False
+    return model
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode for the block; every module's own training flag is restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    set_eval(model)
     try:
         yield model
     finally:

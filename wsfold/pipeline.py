@@ -93,6 +93,12 @@ def prepare(
         _report(progress, f"load {path.name}")
         loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, state_key=state_key, allow_pickle=allow_pickle)
         original = loaded.model
+    if loaded is not None and loaded.kind == "exported":
+        # A torch.export program holds a graph, not layers: what wsfold writes as .pt2 is baked and folded already.
+        skipped = "SOURCE is a torch.export program (baked and folded when wsfold wrote it)"
+        return Prepared(
+            original, original, BakeReport(Detection([], [], [])), FoldReport(skipped=skipped), path, loaded
+        )
     # Each layer is baked as soon as it is probed, from the weight the probe already standardized.
     count = None if progress is None else (lambda done, total: progress("probe layers", done, total))
     dtype = None if dtype is None else parse_float_dtype(dtype)

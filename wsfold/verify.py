@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import VerifyInputError, first_line
 from .inputs import ValueRange, per_input, random_array
-from .modeltree import model_dtype, require_module, set_submodule, structural_copy
+from .modeltree import model_dtype, require_module, set_eval, set_submodule, structural_copy
 from .probe import own_tensors, probe_shapes, run_probe
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ def float64_reference(model: nn.Module, detection: Detection) -> tuple[nn.Module
     from .bake import build_plain
     from .formulas import standardize
 
-    model64 = structural_copy(model, torch.float64).eval()
+    model64 = set_eval(structural_copy(model, torch.float64))
     replaced = []
     for layer in detection.layers:
         module = model.get_submodule(layer.name) if layer.name else model
@@ -541,7 +541,7 @@ def verify_onnx(
     if detection is None:
         detection = detect_layers(model)
     original = model
-    model = structural_copy(model).eval()
+    model = set_eval(structural_copy(model))
     if progress:
         progress("float64 reference")
     model64, _ = float64_reference(model, detection)
@@ -558,7 +558,7 @@ def verify_onnx(
     if graph_dtype is not None and torch.finfo(graph_dtype).eps > torch.finfo(model_dtype(model)).eps:
         # A graph of lower precision than the checkpoint (export --dtype float16) is held to what the
         # checkpoint's own math gives at that precision, not to what it gives at its own.
-        refs.at_graph_dtype, refs.graph_dtype = structural_copy(model, graph_dtype).eval(), graph_dtype
+        refs.at_graph_dtype, refs.graph_dtype = set_eval(structural_copy(model, graph_dtype)), graph_dtype
     unit = torch.finfo(refs.graph_dtype or model_dtype(model)).eps / 2
     if atol is not None or rtol is not None:
         atol, rtol = atol or 0.0, rtol or 0.0
