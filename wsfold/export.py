@@ -364,18 +364,23 @@ class GraphPasses:
 
 
 def rewrite_and_audit(proto: onnx.ModelProto, *, fold: bool) -> GraphPasses:
-    """Constant folding (``fold``), de-duplication, the Pad(0)+MaxPool guard and dead initializers, then the audit:
-    a graph that still computes a weight is refused."""
+    """onnxscript's constant folding (``fold``), then every constant-only node evaluated, de-duplication, the
+    Pad(0)+MaxPool guard and dead initializers, then the audit: a graph that still computes a weight, or anything
+    from constants alone, is refused."""
     from .onnx_graph import (
         audit_graph,
         dedupe_initializers,
         drop_unused_initializers,
+        fold_constant_nodes,
         fold_constants,
         guard_pad_maxpool,
     )
 
     if fold:
         proto = fold_constants(proto)
+    # Whatever computes on constants alone is evaluated here, one node at a time (with either exporter, folded
+    # by onnxscript or not): the written graph computes nothing that could have been a constant.
+    fold_constant_nodes(proto)
     deduped = dedupe_initializers(proto)
     guards = guard_pad_maxpool(proto)
     drop_unused_initializers(proto)
@@ -383,7 +388,7 @@ def rewrite_and_audit(proto: onnx.ModelProto, *, fold: bool) -> GraphPasses:
     if problems:
         more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
         raise ExportError(
-            "the exported graph still computes weights: " + "; ".join(problems[:2]) + more + ".",
+            "the exported graph is not constant where it must be: " + "; ".join(problems[:2]) + more + ".",
             "run `wsfold inspect` on SOURCE: unsupported layers stay as they are and cannot export as constants.",
         )
     return GraphPasses(proto, deduped, guards)

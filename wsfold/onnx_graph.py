@@ -56,16 +56,16 @@ def audit_graph(model: onnx.ModelProto) -> list[str]:
             problems.append(
                 f"MatMul node {node.name or node.output[0]!r}: weight input is computed, not an initializer"
             )
-        if node.op_type in WS_OPS and node.input and all(i in constants for i in node.input if i):
-            problems.append(
-                f"{node.op_type} node {_name(node)} computes on initializers only (unfolded weight arithmetic)"
-            )
+
     training_bn = [
         n
         for n in graph.node
         if n.op_type == "BatchNormalization" and any(a.name == "training_mode" and a.i for a in n.attribute)
     ]
     problems += [f"BatchNormalization node {n.name!r} is in training mode" for n in training_bn]
+    for node in constant_only_nodes(model):
+        what = "unfolded weight arithmetic" if node.op_type in WS_OPS else "a constant subgraph"
+        problems.append(f"{node.op_type} node {_name(node)} computes on constants alone ({what})")
     return problems
 
 
@@ -219,3 +219,70 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.node[:]
     model.graph.node.extend(kept)
     return model
+
+
+# A constant subgraph whose result would be larger than this is left alone (and the audit names it).
+MAX_FOLDED_BYTES = 64 << 20
+
+
+def fold_constant_nodes(model: onnx.ModelProto) -> int:
+    """Evaluate every node whose inputs are all constants (the TorchScript exporter's pad construction:
+    ConstantOfShape -> Concat -> Reshape -> Slice -> Transpose -> Reshape -> Cast) with ONNX's reference
+    evaluator, and store its outputs as initializers. Returns the number of nodes folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    values: dict[str, onnx.TensorProto] = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            values[node.output[0]] = node.attribute[0].t
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+    kept, folded = [], 0
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        foldable = (
+            node.op_type != "Constant"
+            and node.domain in ("", "ai.onnx")
+            and inputs
+            and all(i in values for i in inputs)
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        )
+        if foldable:
+            try:
+                feeds = {i: numpy_helper.to_array(values[i]) for i in inputs}
+                single = onnx.helper.make_model(
+                    onnx.helper.make_graph(
+                        [node],
+                        "fold",
+                        [onnx.helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None) for i in inputs],
+                        [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
+                    ),
+                    opset_imports=[onnx.helper.make_opsetid("", opset)],
+                )
+                results = ReferenceEvaluator(single).run(None, feeds)
+            except Exception:  # noqa: BLE001 - an op the reference evaluator cannot run: leave it to the audit
+                results = None
+            if results is not None and sum(np.asarray(r).nbytes for r in results) <= MAX_FOLDED_BYTES:
+                for name, value in zip(node.output, results):
+                    tensor = numpy_helper.from_array(np.asarray(value), name)
+                    graph.initializer.append(tensor)
+                    values[name] = tensor
+                folded += 1
+                continue
+        kept.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return folded
+
+
+def constant_only_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes (other than Constant) that compute on initializers and constants alone."""
+    graph = model.graph
+    constants = _constants(graph)
+    found = []
+    for node in graph.node:
+        if node.op_type != "Constant" and node.input and all(i in constants for i in node.input if i):
+            found.append(node)
+            constants |= set(node.output)
+    return found
