@@ -178,3 +178,97 @@ def test_float16_weights_are_rounded_once_from_float64(unet):
     exact = standardize(original.inp.weight, layer.formula)
     assert prepared.model.inp.weight.dtype == torch.float16
     torch.testing.assert_close(prepared.model.inp.weight, exact.to(torch.float16), rtol=0, atol=0)
+
+
+def test_a_layer_the_model_never_calls_is_not_compared_per_layer(tmp_path):
+    arch = tmp_path / "spare.py"
+    arch.write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a = torch.nn.Conv2d(3, 8, 3)\n"
+        "        self.b = torch.nn.Conv2d(8, 8, 3)\n"
+        "        self.spare = torch.nn.Conv2d(8, 8, 3)  # built, never called\n"
+        "    def forward(self, x):\n"
+        "        return self.b(torch.relu(self.a(x)))\n"
+    )
+    import runpy
+
+    torch.manual_seed(0)
+    src = tmp_path / "spare.pt"
+    torch.save(runpy.run_path(str(arch))["M"]().state_dict(), src)
+    out = tmp_path / "spare.onnx"
+    common = ("--arch", f"{arch}:M", "--input-shape", "1,3,8,8")
+    assert run("export", src, "--onnx", out, *common, "-q").exit_code == 0
+    res = run("verify", src, "--onnx", out, *common, "--json")
+    assert res.exit_code == 0, res.stdout[-2000:]
+    assert {layer["name"] for layer in json.loads(res.stdout)["layers"]} == {"a", "b"}
+
+
+@pytest.mark.parametrize("name,dtype", [("bit_tiny", "bfloat16"), ("half", "float32"), ("half", "bfloat16")])
+def test_dtype_exports_verify_against_the_precision_they_were_rounded_to(tmp_path, name, dtype):
+    from conftest import CATALOG, arch_spec, ckpt
+
+    out = tmp_path / "cast.onnx"
+    shape = ",".join(map(str, CATALOG[name]["input"]))
+    res = run("export", ckpt(name), "--arch", arch_spec(name), "--onnx", out, "--input-shape", shape, "--dtype", dtype)
+    assert res.exit_code == 0, res.stderr
+    res = run("verify", ckpt(name), "--arch", arch_spec(name), "--onnx", out, "--input-shape", shape, "--json")
+    assert res.exit_code == 0, res.stdout[-2000:]
+    bad = tmp_path / "bad.onnx"
+    _scale_one_filter(out, bad, 1.05)
+    res = run("verify", ckpt(name), "--arch", arch_spec(name), "--onnx", bad, "--input-shape", shape, "--json")
+    assert res.exit_code == 1, res.stdout[-2000:]
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (("--input-range", "-1,1", "--input-range", "0,1e30"), "does not fit"),
+        (("--input-range", "-1e39,0", "--input-range", "0,10"), "does not fit"),
+        (("--input-range", "0,1e30", "--input-range", "0,10"), "NaN/inf"),
+        (("--samples", "100000000000"), "--samples"),
+    ],
+)
+def test_verify_inputs_that_prove_nothing_are_exit_2(unet, tmp_path, extra, needle):
+    out = tmp_path / "m.onnx"
+    assert run("export", unet, "--arch", ARCH, "--onnx", out, *TWO_INPUTS, "-q").exit_code == 0
+    res = run("verify", unet, "--arch", ARCH, "--onnx", out, *extra)
+    assert res.exit_code == 2, (res.exit_code, res.stdout[-1500:], res.stderr)
+    assert needle in res.stderr and "bug" not in res.stderr
+
+
+def test_huge_input_shape_and_an_input_named_like_an_output_are_exit_2(unet, tmp_path):
+    res = run(
+        "export",
+        unet,
+        "--arch",
+        ARCH,
+        "--onnx",
+        tmp_path / "m.onnx",
+        "--input-shape",
+        "2,3,99999999,99999",
+        "--input-shape",
+        "2",
+        "--input-dtype",
+        "float32",
+        "--input-dtype",
+        "int64",
+    )
+    assert res.exit_code == 2 and "--input-shape" in res.stderr, res.stderr
+    res = run(
+        "export",
+        unet,
+        "--arch",
+        ARCH,
+        "--onnx",
+        tmp_path / "m.onnx",
+        *TWO_INPUTS,
+        "--input-name",
+        "output",
+        "--input-name",
+        "t",
+    )
+    assert res.exit_code == 2 and "output" in res.stderr, res.stderr
+    assert list(tmp_path.glob("*.onnx")) == []

@@ -166,3 +166,38 @@ def test_a_hub_id_is_not_a_source(tmp_path, monkeypatch):
     res = run("inspect", "google/bit-50")
     assert res.exit_code == 2 and "no such file" in res.stderr
     assert ckpt("bit_tiny").exists()
+
+
+def test_a_checkpoint_holding_several_state_dicts_says_which_it_used(tmp_path):
+    sd = bit_state_dict()
+    src = tmp_path / "both.pt"
+    torch.save({"model": sd, "ema": {k: v.clone() for k, v in sd.items()}}, src)
+    res = run("inspect", src, "--arch", arch_spec("bit_tiny"), "--json")
+    assert res.exit_code == 0, res.stderr
+    payload = json.loads(res.stdout)
+    assert payload["state_key"] == "model" and "--state-key ema" in payload["notes"][0]
+    for bad in ("", ".", "a..b"):
+        res = run("inspect", src, "--arch", arch_spec("bit_tiny"), "--state-key", bad)
+        assert res.exit_code == 2 and "empty part" in res.stderr
+
+
+def test_a_baked_file_refuses_a_strict_load_into_the_original_and_a_wrong_arch(tmp_path):
+    from safetensors.torch import load_file
+
+    baked = tmp_path / "ws_bn.baked.safetensors"
+    assert run("bake", ckpt("ws_bn"), "--arch", arch_spec("ws_bn"), "-o", baked, "-q").exit_code == 0
+    with pytest.raises(RuntimeError, match="wsfold_baked"):
+        load_fixture("ws_bn").load_state_dict(load_file(str(baked)))
+    res = run("inspect", baked, "--arch", arch_spec("bit_tiny"))
+    assert res.exit_code == 2 and "does not fit" in res.stderr, res.stderr
+    with pytest.raises(wsfold.WsfoldError):
+        wsfold.load_baked(baked, arch=arch_spec("bit_tiny"))
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed (pip install 'wsfold[hf]')")
+@pytest.mark.parametrize("name", ["set_seed", "pipeline", "AutoModel", "BitConfig", "__class__"])
+def test_a_directory_naming_a_transformers_callable_that_is_not_a_model_class_is_refused(tmp_path, name):
+    folder = _fixture_dir(tmp_path, {"architectures": [name], "model_type": "bit"})
+    res = run("inspect", folder)
+    assert res.exit_code == 2, res.stderr
+    assert "not a transformers model class" in res.stderr or "does not have" in res.stderr

@@ -206,6 +206,8 @@ class TraceInputs:
     input_names: list[str]
     output_names: list[str]
     notes: list[str] = field(default_factory=list)
+    # The precision the weights were rounded to (export --dtype; bfloat16 is written as float32), when recorded.
+    weights_dtype: torch.dtype | None = None
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
@@ -250,10 +252,16 @@ def trace_inputs(
     ranges = per_input(value_ranges, count, "--input-range")
     trace_batch = 2 if dynamic_batch and input_shapes[0][0] == 1 else None
     gen = torch.Generator().manual_seed(0)
-    args = tuple(
-        random_tensor((trace_batch, *s[1:]) if trace_batch else s, kind, gen, rng)
-        for s, kind, rng in zip(input_shapes, kinds, ranges)
-    )
+    try:
+        args = tuple(
+            random_tensor((trace_batch, *s[1:]) if trace_batch else s, kind, gen, rng)
+            for s, kind, rng in zip(input_shapes, kinds, ranges)
+        )
+    except (MemoryError, RuntimeError) as exc:
+        raise OptionError(
+            f"example inputs of shape {', '.join(map(str, input_shapes))} cannot be made ({first_line(exc)}).",
+            "use a smaller --input-shape.",
+        ) from None
     with torch.no_grad():
         try:
             if not dynamic_hw:
@@ -267,7 +275,13 @@ def trace_inputs(
             ) from None
     output_names, _ = flatten_outputs(reference)
     names = check_names(input_names, count) if input_names else forward_input_names(model, count)
-    return TraceInputs(private, args, names, output_names, notes)
+    clash = sorted(set(names) & set(output_names))
+    if clash:
+        raise OptionError(
+            f"input name {clash[0]!r} is also the name of an output.", "choose another name with --input-name."
+        )
+    weights = model_dtype(model)
+    return TraceInputs(private, args, names, output_names, notes, weights if weights != dtype else None)
 
 
 @contextlib.contextmanager
@@ -568,7 +582,10 @@ def export_onnx(
         # (pad construction, shape arithmetic).
         passes = rewrite_and_audit(proto, fold=simplify and exporter == "torchscript")
         proto = passes.model
-        stamp_metadata(proto, provenance(bake_report, fold_report, source, baked_count))
+        props = provenance(bake_report, fold_report, source, baked_count)
+        if traced.weights_dtype is not None:
+            props["wsfold_dtype"] = str(traced.weights_dtype).removeprefix("torch.")
+        stamp_metadata(proto, props)
         if progress:
             progress("onnx.checker (full check)")
         nodes, initializers = len(proto.graph.node), len(proto.graph.initializer)

@@ -100,6 +100,11 @@ def transformers_builder(path: Path, config: dict[str, Any]) -> tuple[Callable[[
             "upgrade transformers, or pass --arch (wsfold never runs a model's remote code).",
         )
     cls = getattr(transformers, name)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ArchitectureError(
+            f"{path}: config.json names {name!r}, which is not a transformers model class.",
+            "fix config.json's 'architectures', or pass --arch.",
+        )
     try:
         cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - transformers raises its own types for unreadable configs

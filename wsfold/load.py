@@ -11,7 +11,7 @@ import pickle
 import sys
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ STATE_KEYS = (
     "weights",
 )
 MANIFEST_KEY = "wsfold"
+BAKED_MARKER = "wsfold_baked"  # a tensor key in every baked .safetensors (see save.py)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class LoadedModel:
     kind: str  # "state_dict" | "module" | "directory" | "exported" (a torch.export program, already baked)
     state_key: str | None = None
     manifest: dict[str, Any] | None = None  # present when SOURCE is a wsfold-baked safetensors file
+    notes: list[str] = field(default_factory=list)  # what a user should know about how SOURCE was read
 
 
 def file_sha256(path: Path) -> str:
@@ -155,7 +157,9 @@ def find_state_dict(obj: Any, state_key: str | None, path: Path) -> tuple[dict[s
 
     ``state_key`` walks nested dicts first, then key prefixes: ``ema.ema_model.model`` takes the dict at ``ema``
     and keeps its keys under ``ema_model.model.``, with that prefix stripped."""
-    if state_key:
+    if state_key is not None:
+        if not state_key or any(not part for part in state_key.split(".")):
+            raise OptionError(f"--state-key {state_key!r} has an empty part.", "write it like ema.ema_model.model.")
         return _walk_state_key(obj, state_key, path), state_key
     if _is_state_dict(obj):
         return dict(obj), None
@@ -362,7 +366,14 @@ def build_and_load(
                 continue  # baking needs to run the layers
             set_eval(model)
             model, _ = bake_model(model, inplace=True, allow_nonfinite=True)
-            model = restore_fold_structure(model, manifest.get("folded", []))
+            try:
+                model = restore_fold_structure(model, manifest.get("folded", []))
+            except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise ArchitectureError(
+                    f"the baked checkpoint does not fit --arch {spec} (its folded layers are not there: "
+                    f"{first_line(exc)}).",
+                    "pass the architecture the checkpoint was baked from.",
+                ) from None
         fitted = fit_prefixes(dict(sd), set(model.state_dict()))
         if device == "cpu":
             load_strict(model, fitted, spec)
@@ -551,17 +562,27 @@ def load_model(
         check_tensors(obj, path)
     sd, found_key = find_state_dict(obj, state_key, path)
     check_tensors(sd, path)
+    notes = []
+    if state_key is None and found_key is not None and isinstance(obj, Mapping):
+        others = [k for k in STATE_KEYS if k != found_key and k in obj and _is_state_dict(obj[k])]
+        if others:
+            notes.append(
+                f"weights taken from checkpoint key {found_key!r}; it also holds {', '.join(map(repr, others))} "
+                f"(choose with --state-key {others[0]})"
+            )
     if arch is None:
         raise ArchitectureError(
             f"{path} holds a state dict ({len(sd)} tensors) and wsfold needs the architecture to run it.",
             "pass --arch package.module:callable or --arch path/to/file.py:callable (with --arch-kwargs JSON).",
         )
     manifest = read_manifest(metadata, sd, path)
+    if manifest is not None:
+        sd.pop(BAKED_MARKER, None)
     del obj
     model = build_and_load(lambda: build_arch(arch, arch_kwargs), arch, sd, manifest)
     del sd
     set_eval(model)
-    return LoadedModel(model, path, "state_dict", state_key=found_key, manifest=manifest)
+    return LoadedModel(model, path, "state_dict", state_key=found_key, manifest=manifest, notes=notes)
 
 
 def load_baked(

@@ -12,7 +12,7 @@ from torch import nn
 
 from .bake import BakeReport, bake_model
 from .detect import Detection
-from .fold import NOT_ASKED, FoldReport, fold_model
+from .fold import NOT_ASKED, Folded, FoldReport, fold_model
 from .inputs import parse_float_dtype
 from .load import LoadedModel, load_model
 from .modeltree import model_dtype, structural_copy
@@ -47,9 +47,15 @@ class Prepared:
         manifest = self.loaded.manifest if self.loaded is not None else None
         return len(self.bake.baked) or len((manifest or {}).get("layers", []))
 
+    @property
+    def notes(self) -> list[str]:
+        return list(self.loaded.notes) if self.loaded is not None else []
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": str(self.source) if self.source is not None else None,
+            "state_key": self.loaded.state_key if self.loaded is not None else None,
+            "notes": self.notes,
             **self.detection.to_dict(),
             **self.fold.to_dict(),
         }
@@ -118,6 +124,9 @@ def prepare(
         baked, fold_report = fold_model(baked, inplace=not keep_original or cast)
     if cast:
         baked = structural_copy(baked, dtype)
+    if loaded is not None and loaded.manifest and not fold_report.folded:
+        # An already baked SOURCE: what folded was folded when it was written.
+        fold_report.folded = [Folded(**entry) for entry in loaded.manifest.get("folded", [])]
     if loaded is not None and not keep_original:
         loaded.model = baked
     return Prepared(baked, original if keep_original else None, bake_report, fold_report, path, loaded)

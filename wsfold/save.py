@@ -14,7 +14,7 @@ from torch import nn
 from . import __version__
 from .bake import BakeReport
 from .errors import OutputError, first_line
-from .load import MANIFEST_KEY
+from .load import BAKED_MARKER, MANIFEST_KEY
 from .modeltree import require_module
 from .paths import atomic_path, check_output
 
@@ -112,7 +112,11 @@ def _write_safetensors(model: nn.Module, tmp: Path, bake_report, fold_report) ->
         t = t.detach()
         tensors[key] = t.clone().contiguous() if ident in seen or not t.is_contiguous() else t
         seen[ident] = key
-    save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(bake_report, fold_report, tensors))})
+    meta = {MANIFEST_KEY: json.dumps(manifest(bake_report, fold_report, tensors))}
+    # A key no architecture has: loading the file strictly into the original (unbaked) model fails at once,
+    # instead of standardizing the already standardized weights a second time.
+    tensors[BAKED_MARKER] = torch.ones(())
+    save_file(tensors, str(tmp), metadata=meta)
 
 
 # aten ops that take a weight: in a baked program each one's weight is a parameter or constant, never computed.

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import VerifyInputError, first_line
 from .inputs import ValueRange, per_input, random_array
-from .modeltree import model_dtype, require_module, set_eval, set_submodule, structural_copy
+from .modeltree import eval_mode, model_dtype, require_module, set_eval, set_submodule, structural_copy
 from .probe import own_tensors, probe_shapes, run_probe
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ ORT_LEVELS = {
     "all": "ORT_ENABLE_ALL",
 }
 SAFETY = 4.0
+MAX_SAMPLES = 10_000
 FLOOR_ULPS = 8.0
 _NP_DTYPES = {
     "tensor(float)": np.float32,
@@ -208,6 +209,14 @@ def _compare(
     o64 = torch.from_numpy(np.asarray(o)).double()
     r32 = r.detach().double()
     ref64 = r64.detach().double()
+    overflow = ~torch.isfinite(r32) & torch.isfinite(ref64)
+    if bool(overflow.any()):
+        raise VerifyInputError(
+            f"the checkpoint's own model computes NaN/inf at {str(r.dtype).removeprefix('torch.')} on these inputs "
+            f"({int(overflow.sum())} value(s) of {check.reference_name!r}, finite in float64): nothing can be "
+            "compared there.",
+            "narrow --input-range, or give real data with --inputs.",
+        )
     if not bool(torch.isfinite(o64).all()):
         bad = ~torch.isfinite(o64) & torch.isfinite(r32)
         if bool(bad.any()):
@@ -310,6 +319,8 @@ def sample_inputs(
             f"{len(shapes)} --input-shape given for a graph with {len(inputs)} input(s).", "give one per graph input."
         )
     ranges = per_input(value_ranges, len(inputs), "--input-range")
+    for spec, value_range in zip(inputs, ranges):
+        _check_range(spec, value_range)
     bases, dyn_batch, dyn_space = [], False, False
     for i, spec in enumerate(inputs):
         dims = list(spec.shape)
@@ -349,9 +360,35 @@ def sample_inputs(
                 for j in range(2, len(shape)):
                     if extra and not (isinstance(dims[j], int) and dims[j] > 0):
                         shape[j] += extra
-                feed[spec.name] = random_array(shape, _NP_DTYPES.get(spec.type, np.float32), gen, value_range)
+                try:
+                    feed[spec.name] = random_array(shape, _NP_DTYPES.get(spec.type, np.float32), gen, value_range)
+                except (MemoryError, ValueError) as exc:
+                    raise VerifyInputError(
+                        f"input {spec.name!r} of shape {shape} cannot be made ({type(exc).__name__}: "
+                        f"{first_line(exc)}).",
+                        "use a smaller --input-shape.",
+                    ) from None
             out.append(feed)
     return out
+
+
+def _check_range(spec, value_range: ValueRange | None) -> None:
+    """A --input-range whose values the input's dtype can hold (else the samples are inf, or wrap around)."""
+    if value_range is None:
+        return
+    dtype = np.dtype(_NP_DTYPES.get(spec.type, np.float32))
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        fits = info.min <= value_range.low and value_range.high <= float(info.max) + 1
+    elif dtype.kind == "f":
+        fits = max(abs(value_range.low), abs(value_range.high)) <= float(np.finfo(dtype).max)
+    else:
+        fits = True
+    if not fits:
+        raise VerifyInputError(
+            f"--input-range {value_range} does not fit input {spec.name!r} ({dtype}).",
+            f"give a range within {dtype}'s values.",
+        )
 
 
 def load_inputs(path: Path, session) -> list[dict[str, np.ndarray]]:
@@ -529,8 +566,8 @@ def verify_onnx(
         raise VerifyInputError(f"{onnx_path}: no such ONNX file.", "run `wsfold export SOURCE --onnx PATH` first.")
     if ort_opt_level not in ORT_LEVELS:
         raise VerifyInputError(f"--ort-opt-level {ort_opt_level!r} is not one of {', '.join(ORT_LEVELS)}.", "use all.")
-    if samples < 1:
-        raise VerifyInputError(f"--samples {samples} must be at least 1.", "use --samples 3.")
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise VerifyInputError(f"--samples {samples} must be from 1 to {MAX_SAMPLES}.", "use --samples 3.")
     if not 0 <= seed < 2**63:
         raise VerifyInputError(f"--seed {seed} must be a non-negative integer below 2**63.", "use --seed 0.")
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
@@ -554,7 +591,7 @@ def verify_onnx(
         grow = _accepted_growth(session, model, input_shapes, default, value_ranges, notes)
         feeds = sample_inputs(session, input_shapes, samples, seed, default, value_ranges, grow)
     refs = _References(model, model64)
-    graph_dtype = _graph_float_dtype(session)
+    graph_dtype = _graph_float_dtype(session, onnx_path)
     if graph_dtype is not None and torch.finfo(graph_dtype).eps > torch.finfo(model_dtype(model)).eps:
         # A graph of lower precision than the checkpoint (export --dtype float16) is held to what the
         # checkpoint's own math gives at that precision, not to what it gives at its own.
@@ -583,7 +620,8 @@ def verify_onnx(
     if per_layer:
         if progress:
             progress("compare initializers per layer")
-        result.layers = compare_layers(original, detection, onnx_path, prepared=prepared)
+        sample = _as_args([feeds[0][i.name] for i in session.get_inputs()], model_dtype(original))
+        result.layers = compare_layers(original, detection, onnx_path, prepared=prepared, sample=sample)
     if not all(c.passed for c in checks) and ort_opt_level != "disable":
         if progress:
             progress("re-run with onnxruntime optimizations disabled")
@@ -596,14 +634,30 @@ def verify_onnx(
             )
         else:
             result.cause = "the exported graph (it fails with onnxruntime's optimizations disabled too)"
-            result.hint = "run with --per-layer to find the layer whose weights differ"
+            result.hint = _hint(result)
     elif not result.passed:
         result.cause = "the exported graph"
-        result.hint = "see the failing layers" if result.layers else "run with --per-layer to find the layer"
+        result.hint = _hint(result)
     return result
 
 
-def _graph_float_dtype(session) -> torch.dtype | None:
+def _hint(result: VerificationResult) -> str:
+    if not result.layers:
+        return "run with --per-layer to find the layer whose weights differ"
+    if any(not layer.passed for layer in result.layers):
+        return "see the failing layers"
+    return "every weight matches its layer: the difference is in what the graph does with them (its operations)"
+
+
+def _graph_float_dtype(session, onnx_path: Path) -> torch.dtype | None:
+    """The precision the graph's weights have: what export --dtype recorded (bfloat16 is written as float32),
+    else the graph's floating input or output type."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    recorded = getattr(torch, meta.get("wsfold_dtype", ""), None)
+    if isinstance(recorded, torch.dtype) and recorded.is_floating_point:
+        return recorded
     names = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
     for spec in [*session.get_inputs(), *session.get_outputs()]:
         if spec.type in names:
@@ -683,17 +737,27 @@ def _baked_candidates(original: nn.Module, detection: Detection, fold_state: str
 
 
 def compare_layers(
-    model: nn.Module, detection: Detection, onnx_path: Path, *, prepared: Prepared | None = None
+    model: nn.Module,
+    detection: Detection,
+    onnx_path: Path,
+    *,
+    prepared: Prepared | None = None,
+    sample: tuple[torch.Tensor, ...] | None = None,
 ) -> list[LayerCheck]:
     """Each conv/linear weight and bias of the baked model against the ONNX initializer it became (by name, else
     the closest initializer of that shape fed to a Conv/Gemm in the same role), so a wrong weight is named by
     the layer it belongs to. The baked model is folded as the graph's metadata says (``wsfold_fold``); a graph
-    that does not say is compared with both and judged by the closer."""
+    that does not say is compared with both and judged by the closer. With a ``sample`` input, layers the model
+    never calls on it (a spare head, a module the library builds and does not use) are not compared: the
+    exporter drops them. A graph exported with ``--dtype`` (``wsfold_dtype``) is held to that precision."""
     import onnx
     from onnx import numpy_helper
 
     proto = onnx.load(str(onnx_path))
-    fold_state = {p.key: p.value for p in proto.metadata_props}.get("wsfold_fold")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    fold_state = meta.get("wsfold_fold")
+    cast = getattr(torch, meta.get("wsfold_dtype", ""), None)
+    cast = cast if isinstance(cast, torch.dtype) else None
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     roles: dict[int, dict[tuple, list[str]]] = {1: {}, 2: {}}
     for node in proto.graph.node:
@@ -705,7 +769,8 @@ def compare_layers(
     del proto
     best: list[LayerCheck] | None = None
     for baked in _baked_candidates(model, detection, fold_state, prepared):
-        checks = _layer_checks(baked, detection, inits, roles)
+        called = _called_layers(baked, sample) if sample is not None else None
+        checks = _layer_checks(baked, detection, inits, roles, called, cast)
         if best is None or sum(c.passed for c in checks) > sum(c.passed for c in best):
             best = checks
     return best or []
@@ -728,19 +793,47 @@ def _exporter_fusions(model: nn.Module) -> list[tuple[str, np.ndarray, np.ndarra
     return fusions
 
 
-def _layer_checks(baked: nn.Module, detection: Detection, inits: dict[str, np.ndarray], roles) -> list[LayerCheck]:
+def _called_layers(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> set[int] | None:
+    """The conv/linear modules (by identity) that one forward pass on ``sample`` calls; None if it cannot run."""
+    called: set[int] = set()
+    layers = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    hooks = [m.register_forward_pre_hook(lambda mod, _: called.add(id(mod))) for m in layers]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*sample)
+    except Exception:  # noqa: BLE001 - compare everything then
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return called
+
+
+def _layer_checks(
+    baked: nn.Module,
+    detection: Detection,
+    inits: dict[str, np.ndarray],
+    roles,
+    called: set[int] | None = None,
+    cast: torch.dtype | None = None,
+) -> list[LayerCheck]:
     layers = sorted((layer.name for layer in detection.layers), key=len, reverse=True)
     fusions = _exporter_fusions(baked)
     checks = []
     for name, module in baked.named_modules():
         if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
+        if called is not None and id(module) not in called:
+            continue  # never called: not in the graph
         for idx, attr in ((1, "weight"), (2, "bias")):
             tensor = getattr(module, attr, None)
             if tensor is None:
                 continue
             key = f"{name}.{attr}" if name else attr
             expected = tensor.detach().double().numpy()
+            # The initializer may be rounded to a coarser dtype than the baked tensor (export --dtype), or be
+            # finer than it (a float16 checkpoint exported as float32): either way 2 ulp of the coarser.
+            coarse = max((tensor.dtype, cast or tensor.dtype), key=lambda d: torch.finfo(d).eps)
             if key in inits and inits[key].shape == expected.shape:
                 candidates = [key]
             else:
@@ -749,14 +842,14 @@ def _layer_checks(baked: nn.Module, detection: Detection, inits: dict[str, np.nd
                 continue
             # A baked layer may have become Sequential(pad, conv): its tensors belong to the layer it replaced.
             owner = next((n for n in layers if name == n or name.startswith(n + ".") or n == ""), name)
-            check = _closest(owner, key, expected, candidates, inits)
+            check = _closest(owner, key, expected, candidates, inits, coarse)
             if not check.passed and not isinstance(module, nn.modules.conv._ConvTransposeNd):
                 for bn, a, shift in fusions:
                     if a.shape[0] != expected.shape[0]:
                         continue
                     view = a.reshape(-1, *([1] * (expected.ndim - 1)))
                     fused = expected * view + (shift if attr == "bias" else 0.0)
-                    alt = _closest(owner, key, fused, candidates, inits)
+                    alt = _closest(owner, key, fused, candidates, inits, coarse)
                     if alt.passed:
                         alt.note = f"matches with BatchNorm {bn} fused into it by the exporter"
                         check = alt
@@ -765,10 +858,14 @@ def _layer_checks(baked: nn.Module, detection: Detection, inits: dict[str, np.nd
     return checks
 
 
-def _closest(owner: str, key: str, expected: np.ndarray, candidates: list[str], inits) -> LayerCheck:
-    """The initializer among ``candidates`` closest to ``expected``, judged to 2 ulp of its dtype."""
+def _closest(
+    owner: str, key: str, expected: np.ndarray, candidates: list[str], inits, coarse: torch.dtype
+) -> LayerCheck:
+    """The initializer among ``candidates`` closest to ``expected``, judged to 2 ulp of its dtype or of
+    ``coarse``, whichever is coarser."""
     err, init_name = min((float(np.abs(inits[c].astype(np.float64) - expected).max()), c) for c in candidates)
     scale = float(np.abs(expected).max()) or 1.0
     dtype = inits[init_name].dtype
-    tol = 2 * float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
+    eps = max(float(np.finfo(dtype).eps), torch.finfo(coarse).eps) if dtype.kind == "f" else 0.0
+    tol = 2 * eps
     return LayerCheck(owner, key, init_name, err, err / scale, bool(err <= tol * scale))

@@ -157,6 +157,7 @@ def inspect(
         _emit_json(prepared.to_dict())
     elif not quiet:
         console = _stdout()
+        render.notes(console, prepared.notes)
         render.detection(console, source, prepared.detection)
         render.folding(console, prepared.fold, would=True)
 
@@ -228,6 +229,7 @@ def bake(
         _emit_json({**prepared.to_dict(), "output": str(out)})
     elif not quiet:
         console = _stdout()
+        render.notes(console, prepared.notes)
         render.detection(console, source, prepared.detection)
         render.folding(console, prepared.fold, would=False)
         console.print(
@@ -345,14 +347,16 @@ def verify(
             value_ranges=ranges,
             progress=stages.sequence(),
         )
-    payload = {"source": str(source), "onnx": str(onnx_path), **result.to_dict()}
+    payload = {"source": str(source), "onnx": str(onnx_path), "notes": prepared.notes, **result.to_dict()}
     if report is not None:
         with atomic_path(report, force=force) as tmp:
             tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     if json_output:
         _emit_json(payload)
     elif not quiet:
-        render.verification(_stdout(), result)
+        console = _stdout()
+        render.notes(console, prepared.notes)
+        render.verification(console, result)
     if not result.passed:
         if quiet or json_output:
             print(f"wsfold: verification failed: {result.cause}.", file=sys.stderr)
@@ -439,6 +443,7 @@ def export(
         from . import render
 
         console = _stdout()
+        render.notes(console, prepared.notes)
         render.skipped(console, prepared.detection)
         console.print(
             f"wrote {result.output}: {result.nodes} nodes, {result.initializers} initializers, opset {result.opset}, "

@@ -46,6 +46,11 @@ def detection(console: Console, source: Path, det) -> None:
     )
 
 
+def notes(console: Console, lines: list[str]) -> None:
+    for line in lines:
+        console.print(f"[yellow]note[/] {line}", highlight=False)
+
+
 def skipped(console: Console, det) -> None:
     """One warning line for every layer left as it is: unsupported, or not probed."""
     for u in det.unsupported:
