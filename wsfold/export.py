@@ -450,8 +450,8 @@ def checked_save(
             os.chmod(written, file_mode())
     if external:
         place(workdir / data_name, data, force=force)
-    elif force and data.exists() and not any(_same(data, k) for k in keep):
-        data.unlink()
+    elif force and (data.is_file() or data.is_symlink()) and not any(_same(data, k) for k in keep):
+        data.unlink()  # a stale data file of an earlier export; never a folder
     place(final, out, force=force)
 
 
