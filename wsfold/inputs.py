@@ -27,6 +27,8 @@ FLOAT_DTYPES = {k: v for k, v in DTYPES.items() if v.is_floating_point}
 # Random samples when no --input-range is given: floating inputs N(0, 1); integers uniform in [0, 10) (valid
 # indices for any embedding of 10 rows or more); bool inputs 0 or 1.
 DEFAULT_INT_RANGE = (0, 10)
+# 2**31 values (8 GiB in float32): past that a random example input is a mistake, not a model's input.
+MAX_INPUT_ELEMENTS = 2**31
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,12 @@ def parse_shape(text: str) -> tuple[int, ...]:
         shape = ()
     if not shape or any(d <= 0 for d in shape):
         raise OptionError(f"--input-shape {text!r} is not a list of positive integers.", "write it like 1,3,224,224.")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise OptionError(
+            f"--input-shape {text!r} has {math.prod(shape):,} elements, more than wsfold makes random inputs of "
+            f"({MAX_INPUT_ELEMENTS:,}).",
+            "use a smaller --input-shape.",
+        )
     return shape
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,7 +146,7 @@ def ort_session(path: Path, level: str = "all"):
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: an error is reported once, by us, on one line
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -402,7 +403,9 @@ def load_inputs(path: Path, session) -> list[dict[str, np.ndarray]]:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
         elif path.suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols: not the user's concern here
+                obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, torch.Tensor):
                 obj = {names[0]: obj} if len(names) == 1 else {}
             arrays = {k: v.numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -440,7 +443,16 @@ def load_inputs(path: Path, session) -> list[dict[str, np.ndarray]]:
                 "comparison would not be about the graph.",
                 "store finite inputs.",
             )
-    return [{n: arrays[n].astype(types[n]) for n in names}]
+    with np.errstate(over="ignore", invalid="ignore"):
+        feed = {n: arrays[n].astype(types[n]) for n in names}
+    for n, a in feed.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise VerifyInputError(
+                f"--inputs {path}: array {n!r} overflows the graph's {a.dtype} ({int((~np.isfinite(a)).sum())} "
+                "value(s) become inf).",
+                "store inputs within the graph input's range.",
+            )
+    return [feed]
 
 
 def _as_args(arrays: list[np.ndarray], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
