@@ -1118,3 +1118,146 @@ def test_a_genuine_baked_file_loads_back_and_its_manifest_records_digests(tmp_pa
     res = run("inspect", baked, "--arch", spec, "--json")
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["layers"] == []  # nothing left to bake
+
+
+# =================================================================================================================
+# From the hostile review of the fixes
+# =================================================================================================================
+def test_verify_report_never_overwrites_the_graphs_data_file_and_must_be_json(tmp_path):
+    src, spec, arch = small_model(tmp_path)
+    onnx_path = export_small(tmp_path, src, spec, "ext.onnx", "--external-data")
+    data = onnx_path.with_name("ext.onnx.data")
+    guard = Guard(files=[src, onnx_path, data, arch])
+    common = ("verify", src, "--arch", spec, "--onnx", onnx_path, "--input-shape", "1,3,12,12", "--force")
+    assert_error(run(*common, "--report", data), 2, "input", "--report")
+    assert_error(run(*common, "--report", tmp_path / "mymodels.py"), 2, ".json")
+    guard.check()
+
+
+SYSEXIT_ARCH = (
+    WS_ARCH
+    + """
+
+def leaves():
+    import sys
+    sys.exit(0)
+"""
+)
+
+
+def test_user_code_calling_sys_exit_is_exit_2(tmp_path):
+    src, _, arch = small_model(tmp_path, body=SYSEXIT_ARCH)
+    out = tmp_path / "out.safetensors"
+    res = run("bake", src, "--arch", f"{arch}:leaves", "-o", out)
+    assert_error(res, 2, "sys.exit")
+    assert not out.exists()
+
+
+PRINTING_ARCH = (
+    WS_ARCH
+    + """
+print("hello from the model's module")
+
+
+def chatty():
+    print("hello from the callable")
+    return small()
+"""
+)
+
+
+@pytest.mark.parametrize("command", ["inspect", "bake", "export", "verify"])
+def test_json_stdout_stays_json_when_the_model_code_prints(tmp_path, command):
+    src, spec, arch = small_model(tmp_path, body=PRINTING_ARCH, fn="chatty")
+    args = {
+        "inspect": ("inspect", src, "--arch", spec),
+        "bake": ("bake", src, "--arch", spec, "-o", tmp_path / "b.safetensors"),
+        "export": ("export", src, "--arch", spec, "--onnx", tmp_path / "e.onnx", "--input-shape", "1,3,12,12"),
+    }
+    if command == "verify":
+        onnx_path = export_small(tmp_path, src, spec)
+        args["verify"] = ("verify", src, "--arch", spec, "--onnx", onnx_path, "--input-shape", "1,3,12,12")
+    res = run(*args[command], "--json")
+    assert res.exit_code == 0, res.stderr
+    json.loads(res.stdout)  # nothing but the one object
+
+
+def test_an_interrupt_while_outputs_are_placed_waits_for_them(tmp_path):
+    """Stop signals are held while the data file and the graph are moved into place: both or neither."""
+    from wsfold.cli.errors import Interrupted, install_signal_handlers
+    from wsfold.paths import signals_held
+
+    stops = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    previous = {s: signal.getsignal(s) for s in stops}
+    install_signal_handlers()
+    try:
+        with pytest.raises(Interrupted):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(0.05)
+                placed = True  # still running: the signal waits for the block to end
+        assert placed
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def test_a_lost_race_removes_the_data_file_it_placed(tmp_path, monkeypatch):
+    """Export A places OUT.onnx.data, then finds that export B wrote OUT.onnx meanwhile: A's data file goes."""
+    import wsfold.paths as paths
+
+    src, spec, _ = small_model(tmp_path)
+    out_dir = tmp_path / "race"
+    out_dir.mkdir()
+    out = out_dir / "same.onnx"
+    real_place = paths.place
+
+    def place_after_a_rival(tmp, target, *, force):
+        if target == out:
+            out.write_bytes(b"export B's graph")
+        real_place(tmp, target, force=force)
+
+    monkeypatch.setattr(paths, "place", place_after_a_rival)
+    res = run("export", src, "--arch", spec, "--onnx", out, "--input-shape", "1,3,12,12", "--external-data")
+    assert_error(res, 2, "already exists")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["same.onnx"]
+    assert out.read_bytes() == b"export B's graph"
+
+
+def test_a_full_disk_is_exit_2(tmp_path, monkeypatch):
+    import errno
+
+    src, spec, _ = small_model(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    res = run("bake", src, "--arch", spec, "-o", out_dir / "m.safetensors")
+    assert_error(res, 2, "No space left")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_a_nondeterministic_model_cannot_be_verified(tmp_path):
+    body = (
+        WS_ARCH
+        + """
+
+class Noisy(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) + torch.rand(1)
+
+
+def noisy():
+    m = small()
+    n = Noisy(*m)
+    n.pretrained_cfg = m.pretrained_cfg
+    return n
+"""
+    )
+    src, spec, arch = small_model(tmp_path, body=body)
+    onnx_path = export_small(tmp_path, src, spec)
+    res = run("verify", src, "--arch", f"{arch}:noisy", "--onnx", onnx_path, "--input-shape", "1,3,12,12")
+    assert_error(res, 2, "different outputs")

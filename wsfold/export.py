@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import ExportError, OptionError, first_line
+from .errors import ExportError, OptionError, OutputError, first_line
 from .inputs import (
     ValueRange,
     check_names,
@@ -137,7 +137,10 @@ def flatten_outputs(out: Any) -> tuple[list[str], list[torch.Tensor]]:
         return names, tensors
     if hasattr(out, "to_tuple"):  # transformers ModelOutput
         return flatten_outputs(dict(out))
-    raise ExportError(f"the model returns a {type(out).__name__}; wsfold exports tensors, tuples and dicts of tensors.")
+    raise ExportError(
+        f"the model returns a {type(out).__name__}; wsfold exports tensors, tuples and dicts of tensors.",
+        "wrap the model so that forward returns tensors only.",
+    )
 
 
 def freeze_same_pads(model: nn.Module, args: tuple[torch.Tensor, ...]) -> nn.Module:
@@ -282,6 +285,21 @@ def trace_inputs(
         )
     weights = model_dtype(model)
     return TraceInputs(private, args, names, output_names, notes, weights if weights != dtype else None)
+
+
+@contextlib.contextmanager
+def _exporter_errors(exporter: str):
+    """torch.onnx refusing the model (an op ONNX lacks, control flow it cannot capture) is about the model."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exporters raise many types
+        other = "dynamo" if exporter == "torchscript" else "torchscript"
+        raise ExportError(
+            f"torch.onnx ({exporter}) cannot export the model: {type(exc).__name__}: {first_line(exc)[:300]}.",
+            f"try --exporter {other}, or change the model code it names.",
+        ) from None
 
 
 @contextlib.contextmanager
@@ -433,7 +451,7 @@ def checked_save(
     without external data is removed with --force, unless it is one of the files in ``keep``."""
     import onnx
 
-    from .paths import file_mode, place
+    from .paths import file_mode, place, signals_held
 
     final = workdir / out.name
     data_name = f"{out.name}.data"
@@ -443,16 +461,30 @@ def checked_save(
     try:
         onnx.checker.check_model(str(final), full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"onnx.checker rejects the exported graph: {first_line(exc)}") from None
+        raise ExportError(
+            f"onnx.checker rejects the exported graph: {first_line(exc)}",
+            "try another --opset or --exporter, and report it if the default ones fail.",
+        ) from None
     data = out.with_name(data_name)
     for written in (workdir / data_name, final):
         if written.exists():
             os.chmod(written, file_mode())
-    if external:
-        place(workdir / data_name, data, force=force)
-    elif force and (data.is_file() or data.is_symlink()) and not any(_same(data, k) for k in keep):
-        data.unlink()  # a stale data file of an earlier export; never a folder
-    place(final, out, force=force)
+    with signals_held():  # the data file and the graph arrive together, or neither does
+        if not force and (out.exists() or out.is_symlink()):
+            raise OutputError(
+                f"{out} already exists (it was written while wsfold was working).",
+                "pass --force to replace it, or choose another path.",
+            )
+        if external:
+            place(workdir / data_name, data, force=force)
+        elif force and (data.is_file() or data.is_symlink()) and not any(_same(data, k) for k in keep):
+            data.unlink()  # a stale data file of an earlier export; never a folder
+        try:
+            place(final, out, force=force)
+        except OutputError:
+            if external and not force:
+                data.unlink()  # ours: placed a moment ago, and the graph it belongs to lost the race
+            raise
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -467,7 +499,8 @@ def check_opset(opset: int, exporter: str) -> None:
     import onnx
     from torch.onnx import _constants
 
-    low = 18 if exporter == "dynamo" else _constants.ONNX_MIN_OPSET
+    # Opset 11 made Pad's pads and value inputs; the Pad(0)+MaxPool guard writes the value as one.
+    low = 18 if exporter == "dynamo" else 11
     high = min(onnx.defs.onnx_opset_version(), _constants.ONNX_MAX_OPSET)
     if exporter == "torchscript":
         high = min(high, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
@@ -562,7 +595,7 @@ def export_onnx(
         raw_path = tmpdir / "exported.onnx"
         if progress:
             progress(f"torch.onnx.export ({exporter})")
-        with _quiet_exporter(notes):
+        with _quiet_exporter(notes), _exporter_errors(exporter):
             _raw_export(
                 traced.model,
                 traced.args,

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import pickle
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -121,6 +122,12 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dic
 
 
 def _torch_load(path: Path, *, weights_only: bool, mmap: bool) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on pickle protocols and the like: not the user's concern
+        return _torch_load_quietly(path, weights_only=weights_only, mmap=mmap)
+
+
+def _torch_load_quietly(path: Path, *, weights_only: bool, mmap: bool) -> Any:
     """torch.load on CPU, memory-mapped only as a private (copy-on-write) mapping, so that nothing done to the
     loaded tensors can reach the file; a process that set MAP_SHARED as torch's default gets a plain read."""
     import mmap as _mmap
@@ -229,6 +236,11 @@ def check_tensors(tensors: Mapping[Any, Any], path: Path) -> None:
             raise SourceError(
                 f"{path} has a state-dict key that is not a string ({key!r}, a {type(key).__name__}).",
                 "save the model's state_dict() as it is; its keys are parameter names.",
+            )
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            raise SourceError(
+                f"{path}: tensor {key} is on the {value.device.type} device, which holds no data to load.",
+                "save the checkpoint with its tensors on the CPU.",
             )
         if isinstance(value, torch.Tensor) and value.layout != torch.strided:
             raise SourceError(
@@ -396,9 +408,10 @@ def build_arch(spec: str, kwargs: dict[str, Any] | str | None = None) -> nn.Modu
             raise OptionError(
                 "--arch-kwargs is nested too deeply to read.", "pass a flat object such as '{\"num_classes\": 10}'."
             ) from None
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, and numbers past Python's digit limit
             raise OptionError(
-                f"--arch-kwargs is not valid JSON ({exc}).", "pass an object such as '{\"num_classes\": 10}'."
+                f"--arch-kwargs is not valid JSON ({first_line(exc)[:200]}).",
+                "pass an object such as '{\"num_classes\": 10}'.",
             ) from None
         if not isinstance(kwargs, dict):
             raise OptionError("--arch-kwargs must be a JSON object.", "pass an object such as '{\"num_classes\": 10}'.")

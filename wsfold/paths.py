@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,6 +16,35 @@ from .errors import OutputError
 
 # Temporary names are short and fixed in length, so that any output name the file system allows also allows them.
 TEMP_PREFIX = ".wsfold-"
+# Every output moved into place in this process, so that an interruption afterwards can say what was written.
+PLACED: list[Path] = []
+
+
+_HELD = {"depth": 0, "pending": None}
+
+
+def defer_signal(signum: int) -> bool:
+    """Called by a stop-signal handler: True when the signal must wait (files are being moved into place); it is
+    then raised again when they all are."""
+    if _HELD["depth"] == 0:
+        return False
+    _HELD["pending"] = _HELD["pending"] or signum
+    return True
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Stop signals wait until the block is over, so that the files it moves into place all arrive or none does.
+    (Masking would not do: a signal reaches whichever thread of torch's pools does not mask it; the Python
+    handler, which consults defer_signal, always runs here.)"""
+    _HELD["depth"] += 1
+    try:
+        yield
+    finally:
+        _HELD["depth"] -= 1
+        if _HELD["depth"] == 0 and _HELD["pending"] is not None:
+            signum, _HELD["pending"] = _HELD["pending"], None
+            signal.raise_signal(signum)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -96,6 +126,7 @@ def place(tmp: Path, out: Path, *, force: bool) -> None:
     silently replace it."""
     if force:
         os.replace(tmp, out)
+        PLACED.append(out)
         return
     try:
         os.link(tmp, out)
@@ -111,7 +142,9 @@ def place(tmp: Path, out: Path, *, force: bool) -> None:
         if out.exists():
             raise OutputError(f"{out} already exists.", "pass --force to replace it.") from None
         os.replace(tmp, out)
+        PLACED.append(out)
         return
+    PLACED.append(out)
     tmp.unlink()
 
 
@@ -130,7 +163,8 @@ def atomic_path(out: Path, *, force: bool = False) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, file_mode())
-        place(tmp_path, out, force=force)
+        with signals_held():
+            place(tmp_path, out, force=force)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()

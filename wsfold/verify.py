@@ -494,6 +494,14 @@ def _run_checks(session, refs: _References, feeds, rule, unit, onnx_names) -> li
         _check_feed(session, feed)
         arrays = [feed[i.name] for i in session.get_inputs()]
         ref_names, ref = _evaluate(refs.model, _as_args(arrays, model_dtype(refs.model)))
+        if not checks:
+            _, again = _evaluate(refs.model, _as_args(arrays, model_dtype(refs.model)))
+            if any(not torch.equal(a, b) for a, b in zip(ref, again) if a.shape == b.shape and a.dtype == b.dtype):
+                raise VerifyInputError(
+                    "the checkpoint's model gives different outputs for the same input in eval mode (dropout "
+                    "forced on? random noise in forward?): no graph can be compared with it.",
+                    "make the model deterministic in eval mode.",
+                )
         _, ref64 = _evaluate(refs.model64, _as_args(arrays, torch.float64))
         ref_g = None
         if refs.at_graph_dtype is not None:

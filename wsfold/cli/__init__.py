@@ -3,9 +3,43 @@
 from __future__ import annotations
 
 
-def main() -> None:
-    from .app import app
-    from .errors import install_signal_handlers
+def _click_exceptions():
+    """The click that typer runs on: its own vendored copy in recent typer, click itself before."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # pragma: no cover - typer < 0.29
+        from click import exceptions
+    return exceptions
 
+
+def main() -> None:
+    import sys
+
+    from .app import app
+    from .errors import EXIT_INPUT, install_signal_handlers
+
+    clicks = _click_exceptions()
     install_signal_handlers()
-    app()
+    try:
+        # Not standalone: a usage error reaches us, to be said in one line like every other bad input.
+        code = app(standalone_mode=False)
+    except clicks.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else "usage: wsfold COMMAND --help")
+        sys.exit(EXIT_INPUT)
+    except clicks.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "wsfold"
+        message = " ".join(exc.format_message().split())
+        print(f"wsfold: error: {message} Hint: see `{command} --help`.", file=sys.stderr)
+        sys.exit(EXIT_INPUT)
+    except Exception as exc:
+        if type(exc).__name__ != "Abort":
+            raise
+        print("wsfold: interrupted; no output was written.", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt as exc:  # a signal before any command started
+        import signal
+
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"wsfold: interrupted ({signal.Signals(signum).name}); no output was written.", file=sys.stderr)
+        sys.exit(128 + signum)
+    sys.exit(code if isinstance(code, int) else 0)

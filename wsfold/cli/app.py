@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -92,9 +94,31 @@ def _stdout():
     return _Console(soft_wrap=False, width=width)
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinities as strings: strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _emit_json(payload: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _stdout_for(json_output: bool):
+    """With --json, stdout holds the one JSON object: anything else printed meanwhile (the model's own code,
+    a library) goes to stderr."""
+    if not json_output:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _prepare(
@@ -149,7 +173,10 @@ def inspect(
     Writes nothing."""
     from . import render
 
-    with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
+    with (
+        _stdout_for(json_output),
+        progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages,
+    ):
         prepared = _prepare(
             source, arch, arch_kwargs, state_key, allow_pickle, stages, fold=not no_fold, allow_nonfinite=True
         )
@@ -203,7 +230,10 @@ def bake(
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     input_dtypes = [parse_dtype(d) for d in input_dtype] if input_dtype else None
     cast = parse_float_dtype(dtype) if dtype else None
-    with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
+    with (
+        _stdout_for(json_output),
+        progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages,
+    ):
         prepared = _prepare(
             source,
             arch,
@@ -307,7 +337,9 @@ def verify(
     ort_opt_level: Annotated[
         str, typer.Option("--ort-opt-level", help="onnxruntime graph optimizations: disable, basic, extended, all.")
     ] = "all",
-    report: Annotated[Path | None, typer.Option("--report", help="Also write the JSON report to this file.")] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Also write the JSON report to this .json file.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the --report file if it exists.")] = False,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
@@ -326,10 +358,19 @@ def verify(
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     ranges = [parse_range(r) for r in input_range] if input_range else None
     if report is not None:
+        data = onnx_path.with_name(f"{onnx_path.name}.data")
         check_output(
-            report, force=force, source=source, inputs=[onnx_path, _arch_file(arch), inputs], option="--report"
+            report,
+            force=force,
+            source=source,
+            inputs=[onnx_path, data, _arch_file(arch), inputs],
+            suffixes=(".json",),
+            option="--report",
         )
-    with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
+    with (
+        _stdout_for(json_output),
+        progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages,
+    ):
         prepared = _prepare(
             source, arch, arch_kwargs, state_key, allow_pickle, stages, keep_original=True, allow_nonfinite=True
         )
@@ -410,7 +451,10 @@ def export(
     input_dtypes = [parse_dtype(d) for d in input_dtype] if input_dtype else None
     model_dtype = parse_float_dtype(dtype) if dtype else None
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
-    with progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages:
+    with (
+        _stdout_for(json_output),
+        progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages,
+    ):
         prepared = _prepare(
             source,
             arch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -30,6 +31,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    from ..paths import defer_signal
+
+    if defer_signal(signum):
+        return  # outputs are being moved into place: raised again once they all are
     # A second signal must not interrupt the cleanup the first one started.
     for name in STOP_SIGNALS:
         if hasattr(signal, name):
@@ -63,25 +68,66 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             print(f"wsfold: error: {' '.join(str(exc).split())}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
+            from ..paths import PLACED
+
             signum = getattr(exc, "signum", signal.SIGINT)
             name = signal.Signals(signum).name
-            print(f"wsfold: interrupted ({name}); no output was written.", file=sys.stderr)
+            done = f"only {', '.join(map(str, PLACED))} was written before" if PLACED else "no output was written"
+            print(f"wsfold: interrupted ({name}); {done}.", file=sys.stderr)
             raise typer.Exit(128 + signum) from None
+        except SystemExit as exc:
+            # Only user code exits from inside a command (wsfold's own exits are typer.Exit): the model's or
+            # the architecture's code called sys.exit().
+            print(
+                f"wsfold: error: the model's or architecture's code called sys.exit({exc.code!r}). "
+                "Hint: remove the exit from the code that --arch or SOURCE runs.",
+                file=sys.stderr,
+            )
+            raise typer.Exit(EXIT_INPUT) from None
         except BrokenPipeError:
             # Whoever read stdout has gone; nothing more can be said there. Silence the flush at exit.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             raise typer.Exit(128 + signal.SIGPIPE) from None
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRNOS:
+                raise _bug(exc) from None
+            where = f" ({exc.filename})" if exc.filename else ""
+            print(
+                f"wsfold: error: the system refused{where}: {os.strerror(exc.errno)}. "
+                "Hint: free space, fix permissions or choose another path; nothing partial was kept.",
+                file=sys.stderr,
+            )
+            raise typer.Exit(EXIT_INPUT) from None
         except Exception as exc:  # noqa: BLE001 - the bug boundary
-            if os.environ.get("WSFOLD_DEBUG"):
-                traceback.print_exc()
-            else:
-                frame = traceback.extract_tb(exc.__traceback__)[-1]
-                print(
-                    f"wsfold: internal error: {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno}). "
-                    "This is a bug in wsfold; re-run with WSFOLD_DEBUG=1 for the traceback and report it.",
-                    file=sys.stderr,
-                )
-            raise typer.Exit(EXIT_INTERNAL) from None
+            raise _bug(exc) from None
 
     return wrapper
+
+
+# What the machine, not wsfold, refused: a full disk, a read-only or foreign file, a name too long.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENAMETOOLONG,
+    errno.EIO,
+    errno.EMFILE,
+    errno.ENFILE,
+}
+
+
+def _bug(exc: BaseException) -> typer.Exit:
+    if os.environ.get("WSFOLD_DEBUG"):
+        traceback.print_exception(exc)
+    else:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        print(
+            f"wsfold: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+            f"(at {frame.filename}:{frame.lineno}). "
+            "This is a bug in wsfold; re-run with WSFOLD_DEBUG=1 for the traceback and report it.",
+            file=sys.stderr,
+        )
+    return typer.Exit(EXIT_INTERNAL)
