@@ -34,12 +34,17 @@ def main() -> None:
     except Exception as exc:
         if type(exc).__name__ != "Abort":
             raise
-        print("wsfold: interrupted; no output was written.", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt as exc:  # a signal before any command started
-        import signal
+        _interrupted(exc.__cause__)  # click turns a signal before the command starts into Abort
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
+    sys.exit(code if isinstance(code, int) else 0)
 
-        signum = getattr(exc, "signum", signal.SIGINT)
-        print(f"wsfold: interrupted ({signal.Signals(signum).name}); no output was written.", file=sys.stderr)
-        sys.exit(128 + signum)
+
+def _interrupted(exc: BaseException | None) -> None:
+    import signal
+    import sys
+
+    signum = getattr(exc, "signum", signal.SIGINT)
+    print(f"wsfold: interrupted ({signal.Signals(signum).name}); no output was written.", file=sys.stderr)
+    sys.exit(128 + signum)
     sys.exit(code if isinstance(code, int) else 0)
