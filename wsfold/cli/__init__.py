@@ -47,4 +47,3 @@ def _interrupted(exc: BaseException | None) -> None:
     signum = getattr(exc, "signum", signal.SIGINT)
     print(f"wsfold: interrupted ({signal.Signals(signum).name}); no output was written.", file=sys.stderr)
     sys.exit(128 + signum)
-    sys.exit(code if isinstance(code, int) else 0)
