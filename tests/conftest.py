@@ -68,3 +68,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # Output tolerance relative to the output scale, by dtype: float32 as the issue demands, half precision at a few ulp.
 OUT_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def scale_one_filter(src_onnx: Path, dst: Path, factor: float = 1.01, index: int = 0) -> None:
+    """Write ``src_onnx`` to ``dst`` with filter ``index`` of its first Conv initializer scaled by ``factor``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src_onnx))
+    inits = {i.name: i for i in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits)
+    w = numpy_helper.to_array(inits[conv.input[1]]).copy()
+    w[index] = (w[index].astype(np.float32) * factor).astype(w.dtype)
+    inits[conv.input[1]].CopyFrom(numpy_helper.from_array(w, conv.input[1]))
+    onnx.save(model, str(dst))

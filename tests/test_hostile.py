@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import scale_one_filter
 from typer.testing import CliRunner
 
 from wsfold.cli.app import app
@@ -907,19 +908,6 @@ def test_inspect_into_a_closed_pipe(tmp_path, when):
     assert "BrokenPipe" not in err, err
 
 
-def _scale_one_filter(src_onnx: Path, dst: Path, factor: float = 1.01) -> None:
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(src_onnx))
-    inits = {i.name: i for i in model.graph.initializer}
-    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits)
-    w = numpy_helper.to_array(inits[conv.input[1]]).copy()
-    w[1] = (w[1].astype(np.float32) * factor).astype(w.dtype)
-    inits[conv.input[1]].CopyFrom(numpy_helper.from_array(w, conv.input[1]))
-    onnx.save(model, str(dst))
-
-
 HALF_ARCH = (
     WS_ARCH
     + '''
@@ -941,7 +929,7 @@ def test_float16_graph_with_one_filter_off_by_1pct_fails_verify(tmp_path):
     src, spec, _ = small_model(tmp_path, body=HALF_ARCH, fn="half")
     good = export_small(tmp_path, src, spec)
     bad = good.with_name("bad.onnx")
-    _scale_one_filter(good, bad)
+    scale_one_filter(good, bad, index=1)
     assert run("verify", src, "--arch", spec, "--onnx", good, "--input-shape", "1,3,12,12").exit_code == 0
     res = run("verify", src, "--arch", spec, "--onnx", bad, "--input-shape", "1,3,12,12", "--json")
     assert res.exit_code == 1, (res.exit_code, res.stdout[-1500:], res.stderr)
@@ -955,7 +943,7 @@ def test_no_per_layer_skips_the_layer_check(tmp_path):
     src, spec, _ = small_model(tmp_path, body=HALF_ARCH, fn="half")
     good = export_small(tmp_path, src, spec)
     bad = good.with_name("bad.onnx")
-    _scale_one_filter(good, bad)  # only the per-layer check sees this one
+    scale_one_filter(good, bad, index=1)  # only the per-layer check sees this one
     res = run("verify", src, "--arch", spec, "--onnx", bad, "--input-shape", "1,3,12,12", "--no-per-layer", "--json")
     assert res.exit_code == 0, (res.exit_code, res.stderr)
     assert_clean(res.stderr)

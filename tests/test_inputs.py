@@ -8,8 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import FIXTURES
-from onnx import numpy_helper
+from conftest import FIXTURES, scale_one_filter
 from typer.testing import CliRunner
 
 from wsfold.cli.app import app
@@ -124,16 +123,6 @@ def test_bad_input_options_are_exit_2(unet, tmp_path, option, value):
     assert res.stderr.startswith("wsfold: error:") and option in res.stderr
 
 
-def _scale_one_filter(path, out, factor=1.01):
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
-    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits)
-    w = numpy_helper.to_array(inits[conv.input[1]]).copy()
-    w[0] = (w[0].astype(np.float32) * factor).astype(w.dtype)
-    inits[conv.input[1]].CopyFrom(numpy_helper.from_array(w, conv.input[1]))
-    onnx.save(model, str(out))
-
-
 def test_float16_export_of_a_float32_checkpoint_verifies_and_a_1pct_filter_change_fails(unet, tmp_path):
     out = tmp_path / "half.onnx"
     res = run(
@@ -161,7 +150,7 @@ def test_float16_export_of_a_float32_checkpoint_verifies_and_a_1pct_filter_chang
     assert res.exit_code == 0, res.stdout[-3000:]
     assert "float16" in json.loads(res.stdout)["reference"]
     bad = tmp_path / "bad.onnx"
-    _scale_one_filter(out, bad)
+    scale_one_filter(out, bad)
     res = run("verify", unet, "--onnx", bad, *common)
     assert res.exit_code == 1, res.stdout[-3000:]
     assert [layer["name"] for layer in json.loads(res.stdout)["layers"] if not layer["passed"]] == ["inp"]
@@ -217,7 +206,7 @@ def test_dtype_exports_verify_against_the_precision_they_were_rounded_to(tmp_pat
     res = run("verify", ckpt(name), "--arch", arch_spec(name), "--onnx", out, "--input-shape", shape, "--json")
     assert res.exit_code == 0, res.stdout[-2000:]
     bad = tmp_path / "bad.onnx"
-    _scale_one_filter(out, bad, 1.05)
+    scale_one_filter(out, bad, 1.05)
     res = run("verify", ckpt(name), "--arch", arch_spec(name), "--onnx", bad, "--input-shape", shape, "--json")
     assert res.exit_code == 1, res.stdout[-2000:]
 
