@@ -88,6 +88,13 @@ def check_output(
         raise OutputError(f"{option} {out}: {parent} is a file, not a folder.", "choose a path inside a folder.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{option} {out}: folder {parent} is not writable.", "choose a folder you can write to.")
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputError(
+            f"{option} {out!r}: the path is not valid UTF-8 (onnx and safetensors cannot write to it).",
+            "choose a UTF-8 name.",
+        ) from None
     limit = _name_max(parent)
     if len(os.fsencode(out.name)) > limit:
         raise OutputError(
