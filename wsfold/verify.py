@@ -463,6 +463,15 @@ def _as_args(arrays: list[np.ndarray], dtype: torch.dtype) -> tuple[torch.Tensor
     )
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors, NaN equal to NaN (an overflow is the same on both runs; the overflow check reports it)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
 def _evaluate(model: nn.Module, args: tuple[torch.Tensor, ...]):
     from .export import flatten_outputs
 
@@ -496,7 +505,7 @@ def _run_checks(session, refs: _References, feeds, rule, unit, onnx_names) -> li
         ref_names, ref = _evaluate(refs.model, _as_args(arrays, model_dtype(refs.model)))
         if not checks:
             _, again = _evaluate(refs.model, _as_args(arrays, model_dtype(refs.model)))
-            if any(not torch.equal(a, b) for a, b in zip(ref, again) if a.shape == b.shape and a.dtype == b.dtype):
+            if any(not _same_values(a, b) for a, b in zip(ref, again)):
                 raise VerifyInputError(
                     "the checkpoint's model gives different outputs for the same input in eval mode (dropout "
                     "forced on? random noise in forward?): no graph can be compared with it.",
