@@ -111,6 +111,25 @@ def _emit_json(payload: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
+def _running(json_output: bool, quiet: bool, progress: bool):
+    """What every command runs its core call under: stdout kept for --json, progress bars where wanted."""
+    with (
+        _stdout_for(json_output),
+        progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages,
+    ):
+        yield stages
+
+
+def _input_options(input_shape, input_dtype, dtype):
+    """--input-shape, --input-dtype and --dtype, parsed: (shapes, input dtypes, cast dtype), None where not given."""
+    from ..inputs import parse_dtype, parse_float_dtype, parse_shape
+
+    shapes = [parse_shape(s) for s in input_shape] if input_shape else None
+    input_dtypes = [parse_dtype(d) for d in input_dtype] if input_dtype else None
+    return shapes, input_dtypes, parse_float_dtype(dtype) if dtype else None
+
+
+@contextlib.contextmanager
 def _stdout_for(json_output: bool):
     """With --json, stdout holds the one JSON object: anything else printed meanwhile (the model's own code,
     a library) goes to stderr."""
@@ -173,10 +192,7 @@ def inspect(
     Writes nothing."""
     from . import render
 
-    with (
-        _stdout_for(json_output),
-        progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages,
-    ):
+    with _running(json_output, quiet, progress) as stages:
         prepared = _prepare(
             source, arch, arch_kwargs, state_key, allow_pickle, stages, fold=not no_fold, allow_nonfinite=True
         )
@@ -220,20 +236,14 @@ def bake(
     progress: ShowProgress = False,
 ) -> None:
     """Write a checkpoint whose weight-standardized layers are plain layers holding the exact standardized weights."""
-    from ..inputs import parse_dtype, parse_float_dtype, parse_shape
     from ..paths import check_output
     from ..save import SUFFIXES, save_baked
     from . import render
 
     out = output or source.with_name(f"{source.name.split('.')[0]}.baked.safetensors")
     check_output(out, force=force, source=source, inputs=[_arch_file(arch)], suffixes=SUFFIXES)
-    shapes = [parse_shape(s) for s in input_shape] if input_shape else None
-    input_dtypes = [parse_dtype(d) for d in input_dtype] if input_dtype else None
-    cast = parse_float_dtype(dtype) if dtype else None
-    with (
-        _stdout_for(json_output),
-        progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages,
-    ):
+    shapes, input_dtypes, cast = _input_options(input_shape, input_dtype, dtype)
+    with _running(json_output, quiet, progress) as stages:
         prepared = _prepare(
             source,
             arch,
@@ -367,10 +377,7 @@ def verify(
             suffixes=(".json",),
             option="--report",
         )
-    with (
-        _stdout_for(json_output),
-        progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages,
-    ):
+    with _running(json_output, quiet, progress) as stages:
         prepared = _prepare(
             source, arch, arch_kwargs, state_key, allow_pickle, stages, keep_original=True, allow_nonfinite=True
         )
@@ -440,7 +447,6 @@ def export(
 ) -> None:
     """Bake SOURCE in memory (if needed) and write an ONNX graph whose every weight is a constant."""
     from ..export import export_onnx
-    from ..inputs import parse_dtype, parse_float_dtype, parse_shape
     from ..paths import check_output
 
     inputs = [_arch_file(arch)]
@@ -448,13 +454,8 @@ def export(
     if external_data:
         data = onnx_path.with_name(f"{onnx_path.name}.data")
         check_output(data, force=force, source=source, inputs=inputs, option="--onnx (its external data file)")
-    input_dtypes = [parse_dtype(d) for d in input_dtype] if input_dtype else None
-    model_dtype = parse_float_dtype(dtype) if dtype else None
-    shapes = [parse_shape(s) for s in input_shape] if input_shape else None
-    with (
-        _stdout_for(json_output),
-        progress_stages(wants_progress(json_output=json_output, quiet=quiet, forced=progress)) as stages,
-    ):
+    shapes, input_dtypes, model_dtype = _input_options(input_shape, input_dtype, dtype)
+    with _running(json_output, quiet, progress) as stages:
         prepared = _prepare(
             source,
             arch,
