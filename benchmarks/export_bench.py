@@ -1,5 +1,5 @@
-"""wsfold export against torch.onnx.export of the unbaked model (both exporters) and, where installed,
-onnx-simplifier applied to that export. Builds a ResNetV2-50 GN+WS network in-process; not part of the tests.
+"""wsfold export against torch.onnx.export of the unbaked model (both exporters), and against onnxsim and onnxslim
+applied to those exports (installed with pip install -e '.[bench]'). Builds a ResNetV2-50 GN+WS network in-process; not part of the tests.
 
     .venv/bin/python benchmarks/export_bench.py [--json build/export_bench.json]
 """
@@ -66,6 +66,17 @@ def measure_all(paths: dict[str, Path], x: np.ndarray, rounds: int = 3, runs: in
     return rows
 
 
+def _simplifier(tool: str):
+    """The simplifier's model -> model function (ImportError when it is not installed)."""
+    if tool == "onnxsim":
+        import onnxsim
+
+        return lambda model: onnxsim.simplify(model)[0]
+    import onnxslim
+
+    return onnxslim.slim
+
+
 def torch_export(model, x, path: Path, dynamo: bool) -> float:
     t = time.perf_counter()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -118,17 +129,21 @@ def main() -> None:
             key = f"torch.onnx.export unbaked ({exporter})"
             paths[key] = tmp / f"unbaked_{exporter}.onnx"
             export_s[key] = torch_export(model, x, paths[key], dynamo=exporter == "dynamo")
-        try:
-            import onnxsim
-
-            key = "onnx-simplifier on unbaked (torchscript)"
-            paths[key] = tmp / "unbaked_onnxsim.onnx"
-            t = time.perf_counter()
-            simplified, _ = onnxsim.simplify(onnx.load(str(tmp / "unbaked_torchscript.onnx")))
-            onnx.save(simplified, str(paths[key]))
-            export_s[key] = export_s["torch.onnx.export unbaked (torchscript)"] + time.perf_counter() - t
-        except ImportError:
-            print("onnx-simplifier is not installed: that comparison is skipped", file=sys.stderr)
+        # What a user would run instead: a graph simplifier on the unbaked export.
+        for tool in ("onnxsim", "onnxslim"):
+            try:
+                simplify = _simplifier(tool)
+            except ImportError:
+                print(f"{tool} is not installed (pip install -e '.[bench]'): skipped", file=sys.stderr)
+                continue
+            for exporter in ("torchscript", "dynamo"):
+                key = f"unbaked ({exporter}) + {tool}"
+                paths[key] = tmp / f"unbaked_{exporter}_{tool}.onnx"
+                t = time.perf_counter()
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    onnx.save(simplify(onnx.load(str(tmp / f"unbaked_{exporter}.onnx"))), str(paths[key]))
+                export_s[key] = export_s[f"torch.onnx.export unbaked ({exporter})"] + time.perf_counter() - t
         for exporter in ("torchscript", "dynamo"):
             key = f"wsfold (bake + export, {exporter})"
             paths[key] = tmp / f"wsfold_{exporter}.onnx"
@@ -157,10 +172,16 @@ def main() -> None:
     unbaked_best_session = min(r["session_s"] for k, r in rows.items() if k.startswith("torch.onnx"))
     cols = ("export s", "session s", "lat ms", "MB", "nodes", "RMean", "max err")
     print(f"{'variant':44} " + " ".join(f"{c:>9}" for c in cols))
+    print("| variant | export s | session s | latency ms | MB | nodes | ReduceMean | max err |", file=sys.stderr)
     for name, r in rows.items():
         print(
             f"{name:44} {r['export_s']:9.2f} {r['session_s']:9.3f} {r['latency_ms']:9.2f} {r['size_mb']:9.1f} "
             f"{r['nodes']:9d} {r['reduce_mean']:9d} {r['max_abs_err_vs_torch']:9.2e}"
+        )
+        print(
+            f"| {name} | {r['export_s']:.2f} | {r['session_s']:.3f} | {r['latency_ms']:.1f} | {r['size_mb']:.1f} | "
+            f"{r['nodes']} | {r['reduce_mean']} | {r['max_abs_err_vs_torch']:.1e} |",
+            file=sys.stderr,
         )
     w = rows["wsfold (bake + export, torchscript)"]
     ratios = {
