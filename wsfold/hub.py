@@ -112,16 +112,7 @@ def transformers_builder(path: Path, config: dict[str, Any]) -> tuple[Callable[[
             f"{path}/config.json cannot be read by transformers ({first_line(exc)}).", "fetch it again."
         ) from None
 
-    def build() -> nn.Module:
-        try:
-            return cls(cfg)
-        except Exception as exc:  # noqa: BLE001 - the library's model code
-            raise UserCodeError(
-                f"transformers {name}(config) raised {type(exc).__name__}: {first_line(exc)}.",
-                "check the directory's config.json against the installed transformers.",
-            ) from None
-
-    return build, f"transformers {name}"
+    return _guarded(lambda: cls(cfg), f"transformers {name}(config)", "transformers"), f"transformers {name}"
 
 
 def timm_builder(path: Path, config: dict[str, Any]) -> tuple[Callable[[], nn.Module], str]:
@@ -131,16 +122,25 @@ def timm_builder(path: Path, config: dict[str, Any]) -> tuple[Callable[[], nn.Mo
     if "num_classes" in config:
         kwargs.setdefault("num_classes", config["num_classes"])
 
-    def build() -> nn.Module:
+    build = _guarded(
+        lambda: timm.create_model(name, pretrained=False, **kwargs), f"timm.create_model({name!r})", "timm"
+    )
+    return build, f"timm {name}"
+
+
+def _guarded(build: Callable[[], nn.Module], call: str, library: str) -> Callable[[], nn.Module]:
+    """``build``, with whatever the library's model code raises reported as the user's input (exit 2)."""
+
+    def guarded() -> nn.Module:
         try:
-            return timm.create_model(name, pretrained=False, **kwargs)
+            return build()
         except Exception as exc:  # noqa: BLE001 - the library's model code
             raise UserCodeError(
-                f"timm.create_model({name!r}) raised {type(exc).__name__}: {first_line(exc)}.",
-                "check the directory's config.json against the installed timm.",
+                f"{call} raised {type(exc).__name__}: {first_line(exc)}.",
+                f"check the directory's config.json against the installed {library}.",
             ) from None
 
-    return build, f"timm {name}"
+    return guarded
 
 
 def load_directory(path: Path, *, arch: str | None = None, arch_kwargs=None):

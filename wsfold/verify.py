@@ -620,7 +620,8 @@ def verify_onnx(
         grow = _accepted_growth(session, model, input_shapes, default, value_ranges, notes)
         feeds = sample_inputs(session, input_shapes, samples, seed, default, value_ranges, grow)
     refs = _References(model, model64)
-    graph_dtype = _graph_float_dtype(session, onnx_path)
+    meta = graph_metadata(onnx_path)
+    graph_dtype = _graph_float_dtype(session, meta)
     if graph_dtype is not None and torch.finfo(graph_dtype).eps > torch.finfo(model_dtype(model)).eps:
         # A graph of lower precision than the checkpoint (export --dtype float16) is held to what the
         # checkpoint's own math gives at that precision, not to what it gives at its own.
@@ -641,7 +642,7 @@ def verify_onnx(
     checks = _run_checks(session, refs, feeds, rule, unit, onnx_names)
     result = VerificationResult(criterion, samples if not inputs_file else 1, checks, ort_opt_level=ort_opt_level)
     result.input_shapes = [list(v.shape) for v in feeds[0].values()]
-    result.reference, more = _reference(prepared, onnx_path, model)
+    result.reference, more = _reference(prepared, meta, model)
     result.notes = notes + more
     if refs.graph_dtype is not None:
         result.reference += f"; the graph computes in {str(refs.graph_dtype).removeprefix('torch.')}, so the "
@@ -678,12 +679,16 @@ def _hint(result: VerificationResult) -> str:
     return "every weight matches its layer: the difference is in what the graph does with them (its operations)"
 
 
-def _graph_float_dtype(session, onnx_path: Path) -> torch.dtype | None:
-    """The precision the graph's weights have: what export --dtype recorded (bfloat16 is written as float32),
-    else the graph's floating input or output type."""
+def graph_metadata(onnx_path: Path) -> dict[str, str]:
+    """The graph's metadata_props (what wsfold export stamped), read once."""
     import onnx
 
-    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+
+
+def _graph_float_dtype(session, meta: dict[str, str]) -> torch.dtype | None:
+    """The precision the graph's weights have: what export --dtype recorded (bfloat16 is written as float32),
+    else the graph's floating input or output type."""
     recorded = getattr(torch, meta.get("wsfold_dtype", ""), None)
     if isinstance(recorded, torch.dtype) and recorded.is_floating_point:
         return recorded
@@ -716,10 +721,8 @@ def _accepted_growth(session, model, shapes, default, value_ranges, notes: list[
     return 0
 
 
-def _reference(prepared: Prepared | None, onnx_path: Path, model: nn.Module) -> tuple[str, list[str]]:
+def _reference(prepared: Prepared | None, meta: dict[str, str], model: nn.Module) -> tuple[str, list[str]]:
     """What the graph is compared against, in words, and a note when the graph says it came from another file."""
-    import onnx
-
     from .load import file_sha256
 
     dtype = str(model_dtype(model)).removeprefix("torch.")
@@ -739,7 +742,6 @@ def _reference(prepared: Prepared | None, onnx_path: Path, model: nn.Module) -> 
     else:
         what = f"the model in {source} (sha256 {digest[:16]})"
     notes = []
-    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     if meta.get("wsfold_source_sha256") not in (None, digest):
         notes.append(
             f"the graph was exported from {meta.get('wsfold_source', 'another file')} with sha256 "
