@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/run.py [--out build/bench]
 
-Builds ResNetV2 GN+WS networks in-process (R50x1, and R50x4 whose float32 checkpoint is 1.53 GB), writes their
+Builds ResNetV2 GN+WS networks in-process (R50x1; R50x4, a wide network whose float32 checkpoint is 1.53 GB;
+R101x3, a deep one of the same size with about twice the layers, as timm's resnetv2_101x3_bit), writes their
 state-dict checkpoints, and measures, each step in its own process so that peak RSS is that step's alone:
 bake seconds against torch.load + torch.save of the same checkpoint (the I/O floor; medians of --repeat
 alternating runs), peak RSS (the worst run) against the
@@ -59,28 +60,40 @@ def summary(runs: list[dict]) -> dict:
     }
 
 
-def build_checkpoint(width: int, path: Path) -> int:
-    import torch
+# name: (builder in resnetv2.py, width factor)
+MODELS = {
+    "resnetv2_50x1": ("resnetv2_50", 1),
+    "resnetv2_50x4": ("resnetv2_50", 4),
+    "resnetv2_101x3": ("resnetv2_101", 3),
+}
 
+
+def builder(name: str):
     sys.path.insert(0, str(HERE))
-    from resnetv2 import resnetv2_50
+    import resnetv2
+
+    return getattr(resnetv2, MODELS[name][0])
+
+
+def build_checkpoint(name: str, path: Path) -> int:
+    import torch
 
     torch.manual_seed(0)
     if not path.exists():
-        torch.save(resnetv2_50(width=width).state_dict(), path)
+        torch.save(builder(name)(width=MODELS[name][1]).state_dict(), path)
     return path.stat().st_size
 
 
-def latency(width: int, ckpt: Path, baked_path: Path, runs: int) -> dict:
+def latency(name: str, ckpt: Path, baked_path: Path, runs: int) -> dict:
     import torch
-    from resnetv2 import resnetv2_50
 
     torch.set_num_threads(2)
+    build, width = builder(name), MODELS[name][1]
     sd = torch.load(ckpt, weights_only=True)
-    original = resnetv2_50(width=width).eval()
+    original = build(width=width).eval()
     original.load_state_dict(sd)
     baked = torch.load(baked_path, weights_only=False).eval()
-    plain = resnetv2_50(width=width, plain=True).eval()
+    plain = build(width=width, plain=True).eval()
     plain.load_state_dict(baked.state_dict())
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -112,7 +125,9 @@ def latency(width: int, ckpt: Path, baked_path: Path, runs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
-    parser.add_argument("--widths", default="1,4", help="ResNetV2-50 width factors (4 gives a 1.53 GB checkpoint)")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)} (the last two are 1.5 GB)"
+    )
     parser.add_argument("--skip-export", action="store_true")
     parser.add_argument("--repeat", type=int, default=3, help="runs of load+save and of bake per model")
     args = parser.parse_args()
@@ -122,13 +137,14 @@ def main() -> None:
     loadsave.write_text(
         "import sys, torch\nsd = torch.load(sys.argv[1], weights_only=True)\ntorch.save(sd, sys.argv[2])\n"
     )
-    for width in (int(w) for w in args.widths.split(",")):
-        name = f"resnetv2_50x{width}"
+    for name in args.models.split(","):
+        if name not in MODELS:
+            parser.error(f"--models: {name!r} is not one of {', '.join(MODELS)}")
         ckpt = args.out / f"{name}.pt"
-        size = build_checkpoint(width, ckpt)
+        size = build_checkpoint(name, ckpt)
         baked_path = args.out / f"{name}.baked.pt"
-        bake_argv = ["-m", "wsfold", "bake", str(ckpt), "--arch", f"{HERE / 'resnetv2.py'}:resnetv2_50"]
-        bake_argv += ["--arch-kwargs", json.dumps({"width": width}), "-o", str(baked_path), "-q"]
+        bake_argv = ["-m", "wsfold", "bake", str(ckpt), "--arch", f"{HERE / 'resnetv2.py'}:{MODELS[name][0]}"]
+        bake_argv += ["--arch-kwargs", json.dumps({"width": MODELS[name][1]}), "-o", str(baked_path), "-q"]
         # Disk writes on a shared machine vary by tens of percent from run to run: alternate the two jobs,
         # compare medians of the times, and keep the worst peak RSS.
         floors, bakes = [], []
@@ -138,12 +154,14 @@ def main() -> None:
             baked_path.unlink(missing_ok=True)
             bakes.append(measured(*bake_argv))
         floor, bake = summary(floors), summary(bakes)
-        lat = latency(width, ckpt, baked_path, runs=60 if width == 1 else 15)
+        lat = latency(name, ckpt, baked_path, runs=60 if name == "resnetv2_50x1" else 15)
         results["models"][name] = {
             "checkpoint_bytes": size,
             "load_save": floor,
             "bake": bake,
             "bake_vs_load_save": bake["seconds"] / floor["seconds"],
+            # each bake against the load+save run just before it
+            "bake_vs_load_save_runs": [b["seconds"] / f["seconds"] for b, f in zip(bakes, floors)],
             "bake_peak_rss_vs_checkpoint": bake["peak_rss_bytes"] / size,
             "load_save_peak_rss_vs_checkpoint": floor["peak_rss_bytes"] / size,
             **lat,
@@ -161,14 +179,15 @@ def main() -> None:
         results["export"] = json.loads(export_json.read_text())
     header = (
         f"{'model':16} {'ckpt GB':>8} {'load+save s':>11} {'bake s':>7} {'ratio':>6} {'bake RSS GB':>11} "
-        f"{'RSS/ckpt':>8} {'l+s RSS/ckpt':>12} {'orig ms':>8} {'baked ms':>8} {'plain ms':>8} {'b/orig':>6} {'b/plain':>7} {'err':>8}"
+        f"{'ratio range':>11} {'RSS/ckpt':>8} {'l+s RSS/ckpt':>12} {'orig ms':>8} {'baked ms':>8} {'plain ms':>8} {'b/orig':>6} {'b/plain':>7} {'err':>8}"
     )
     print(header)
     for name, r in results["models"].items():
         lat = r["latency_ms"]
         print(
             f"{name:16} {r['checkpoint_bytes'] / 1e9:8.2f} {r['load_save']['seconds']:11.2f} {r['bake']['seconds']:7.2f} "
-            f"{r['bake_vs_load_save']:6.2f} {r['bake']['peak_rss_bytes'] / 1e9:11.2f} {r['bake_peak_rss_vs_checkpoint']:8.2f} "
+            f"{r['bake_vs_load_save']:6.2f} {r['bake']['peak_rss_bytes'] / 1e9:11.2f} "
+            f"{min(r['bake_vs_load_save_runs']):5.2f}-{max(r['bake_vs_load_save_runs']):<5.2f} {r['bake_peak_rss_vs_checkpoint']:8.2f} "
             f"{r['load_save_peak_rss_vs_checkpoint']:12.2f} {lat['original']:8.1f} {lat['baked']:8.1f} {lat['plain']:8.1f} "
             f"{r['baked_vs_original']:6.3f} {r['baked_vs_plain']:7.3f} {r['max_rel_err_baked_vs_original']:8.1e}"
         )

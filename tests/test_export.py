@@ -18,6 +18,12 @@ from wsfold.onnx_graph import audit_graph, count_ops
 BAKEABLE = sorted(n for n in CATALOG if not CATALOG[n].get("unsupported"))
 
 
+@pytest.fixture(params=["dynamo", "torchscript"])
+def exporter(request):
+    """The export tests run with both exporters: dynamo (the default) and the deprecated TorchScript one."""
+    return request.param
+
+
 def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -29,8 +35,9 @@ def ort_run(path, x: torch.Tensor, level=ort.GraphOptimizationLevel.ORT_ENABLE_A
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
-def export_fixture(name, tmp_path, *extra):
+def export_fixture(name, tmp_path, *extra, exporter="dynamo"):
     out = tmp_path / f"{name}.onnx"
+    extra = (*extra, "--exporter", exporter)
     shape = ",".join(str(d) for d in CATALOG[name]["input"])
     result = run(
         "export", ckpt(name), "--arch", arch_spec(name), "--onnx", out, "--input-shape", shape, "--json", *extra
@@ -62,8 +69,8 @@ def assert_deployable(path):
 
 
 @pytest.mark.parametrize("name", BAKEABLE)
-def test_export_every_fixture_runs_and_matches_baked_model(name, tmp_path):
-    out, payload = export_fixture(name, tmp_path)
+def test_export_every_fixture_runs_and_matches_baked_model(name, tmp_path, exporter):
+    out, payload = export_fixture(name, tmp_path, exporter=exporter)
     assert set(payload) >= {"output", "nodes", "initializers", "external_data", "baked", "opset"}
     assert payload["baked"] == len(CATALOG[name]["layers"]) and payload["external_data"] is False
     assert_deployable(out)
@@ -127,9 +134,8 @@ def test_metadata_records_version_source_hash_and_baked_count(tmp_path):
     assert props["wsfold_baked_layers"] == "9" and props["wsfold_version"]
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
 def test_same_padding_stride_2_dynamic_hw_is_correct_at_odd_and_even_sizes(tmp_path, exporter):
-    out, payload = export_fixture("bit_tiny", tmp_path, "--dynamic-hw", "--exporter", exporter)
+    out, payload = export_fixture("bit_tiny", tmp_path, "--dynamic-hw", exporter=exporter)
     assert payload["dynamic_hw"] is True
     original = load_fixture("bit_tiny")
     for shape in ((1, 3, 32, 32), (2, 3, 31, 33), (1, 3, 45, 40)):
@@ -138,14 +144,14 @@ def test_same_padding_stride_2_dynamic_hw_is_correct_at_odd_and_even_sizes(tmp_p
             assert rel_err(ort_run(out, x), original(x)) < 1e-5, shape
 
 
-def test_static_batch(tmp_path):
-    out, _ = export_fixture("variants", tmp_path, "--static-batch")
+def test_static_batch(tmp_path, exporter):
+    out, _ = export_fixture("variants", tmp_path, "--static-batch", exporter=exporter)
     dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [2, 3, 12, 12]
 
 
-def test_external_data_loads_and_matches(tmp_path):
-    out, payload = export_fixture("bit_tiny", tmp_path, "--external-data")
+def test_external_data_loads_and_matches(tmp_path, exporter):
+    out, payload = export_fixture("bit_tiny", tmp_path, "--external-data", exporter=exporter)
     assert payload["external_data"] is True
     assert (tmp_path / "bit_tiny.onnx.data").stat().st_size > 30_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bit_tiny.onnx", "bit_tiny.onnx.data"]
@@ -153,11 +159,23 @@ def test_external_data_loads_and_matches(tmp_path):
     x = fixture_input("bit_tiny", batch=3)
     with torch.no_grad():
         assert rel_err(ort_run(out, x), load_fixture("bit_tiny")(x)) < 1e-5
+    # The one-file graph (its weights streamed into the protobuf from the exporter's data file) holds exactly
+    # the same graph and the same bytes.
+    single = tmp_path / "single"
+    single.mkdir()
+    one, _ = export_fixture("bit_tiny", single, exporter=exporter)
+    assert sorted(p.name for p in single.iterdir()) == ["bit_tiny.onnx"]
+    a, b = onnx.load(str(out)), onnx.load(str(one))
+    assert [(t.name, t.data_type, list(t.dims), t.raw_data) for t in a.graph.initializer] == [
+        (t.name, t.data_type, list(t.dims), t.raw_data) for t in b.graph.initializer
+    ]
+    assert a.graph.node == b.graph.node and a.graph.input == b.graph.input and a.metadata_props == b.metadata_props
+    assert a.opset_import == b.opset_import and a.ir_version == b.ir_version
 
 
-def test_pad_maxpool_guard_is_what_keeps_onnxruntime_correct(tmp_path):
+def test_pad_maxpool_guard_is_what_keeps_onnxruntime_correct(tmp_path, exporter):
     """Without the -0.0 pad value, onnxruntime's default optimizations fuse Pad(0)+MaxPool and change the result."""
-    out, payload = export_fixture("bit_tiny", tmp_path)
+    out, payload = export_fixture("bit_tiny", tmp_path, exporter=exporter)
     assert len(payload["pad_maxpool_guarded"]) == 1
     x = fixture_input("bit_tiny", batch=3)
     with torch.no_grad():
@@ -190,11 +208,11 @@ def test_existing_onnx_refused_and_failed_export_leaves_nothing(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_export_of_an_already_baked_checkpoint(tmp_path):
+def test_export_of_an_already_baked_checkpoint(tmp_path, exporter):
     baked = tmp_path / "b.safetensors"
     assert run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", baked, "-q").exit_code == 0
     out = tmp_path / "b.onnx"
-    result = run("export", baked, "--arch", arch_spec("bit_tiny"), "--onnx", out, "--json")
+    result = run("export", baked, "--arch", arch_spec("bit_tiny"), "--onnx", out, "--json", "--exporter", exporter)
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["baked"] == 4
     x = fixture_input("bit_tiny")

@@ -109,10 +109,11 @@ def test_pad_maxpool_miscompile_is_blamed_on_the_runtime_optimizer(tmp_path):
         baked,
         (torch.randn(2, 3, 32, 32),),
         str(raw),
-        dynamo=False,
+        dynamo=True,
         input_names=["input"],
-        dynamic_axes={"input": {0: "batch"}},
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
         opset_version=18,
+        verbose=False,
     )
     result = verify("bit_tiny", raw, "--json")
     assert result.exit_code == 1
@@ -130,10 +131,11 @@ def test_shape_clash_is_a_failure_naming_both_shapes(tmp_path):
         other,
         (torch.randn(2, 3, 12, 12),),
         str(path),
-        dynamo=False,
+        dynamo=True,
         input_names=["input"],
-        dynamic_axes={"input": {0: "batch"}},
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
         opset_version=18,
+        verbose=False,
     )
     result = verify("variants", path)
     assert result.exit_code == 1

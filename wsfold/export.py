@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .pipeline import Prepared
 
 EXPORTERS = ("torchscript", "dynamo")
-DEFAULT_EXPORTER = "torchscript"
+DEFAULT_EXPORTER = "dynamo"
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB for the whole file
 
@@ -328,6 +328,38 @@ def _quiet_exporter(notes: list[str]):
             lg.setLevel(level)
 
 
+_REGISTRIES: dict[Any, Any] = {}
+
+
+@contextlib.contextmanager
+def _registry_built_once():
+    """The dynamo exporter rebuilds its table of ONNX translations on every call: onnxscript re-parses the source
+    of ~500 torchlib functions, about 1 s each time on the project's machine. Within our own export calls, build
+    it once per opset and process (the table is only read: wsfold registers no custom translations). If torch no
+    longer has this hook, nothing changes but the time."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        owner = _registration.ONNXRegistry
+        original = owner.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in _REGISTRIES:
+            _REGISTRIES[key] = build(cls, *args, **kwargs)
+        return _REGISTRIES[key]
+
+    owner.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        owner.from_torchlib = original
+
+
 def _raw_export(
     model: nn.Module,
     args: tuple[torch.Tensor, ...],
@@ -339,8 +371,9 @@ def _raw_export(
     output_names: list[str],
     dynamic_batch: bool,
     dynamic_hw: bool,
-    external: bool,
 ) -> None:
+    """torch.onnx.export to ``path``. The dynamo exporter writes the weights to ``path``.data as it goes (never
+    a second copy of them in memory); the TorchScript one writes one file (external data only above 2 GB)."""
     if exporter == "torchscript":
         axes: dict[str, dict[int, str]] = {}
         for name, x in zip(input_names, args):
@@ -371,19 +404,22 @@ def _raw_export(
         if dynamic_hw:
             spec.update({d: dim(f"in{i}_d{d}") for d in range(2, x.ndim)})
         shapes.append(spec or None)
-    torch.onnx.export(
-        model,
-        args,
-        str(path),
-        dynamo=True,
-        opset_version=opset,
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_shapes=tuple(shapes),
-        external_data=external,
-        optimize=True,
-        verbose=False,
-    )
+    # A wrapped program module takes ``*args``: torch.export matches that parameter as one tuple.
+    dynamic = (tuple(shapes),) if isinstance(model, _Modeless) else tuple(shapes)
+    with _registry_built_once():
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic,
+            external_data=True,
+            optimize=True,
+            verbose=False,
+        )
 
 
 @dataclass
@@ -395,10 +431,10 @@ class GraphPasses:
     pad_guards: list[str]
 
 
-def rewrite_and_audit(proto: onnx.ModelProto, *, fold: bool) -> GraphPasses:
+def rewrite_and_audit(proto: onnx.ModelProto, *, fold: bool, base_dir: Path | None = None) -> GraphPasses:
     """onnxscript's constant folding (``fold``), then every constant-only node evaluated, de-duplication, the
     Pad(0)+MaxPool guard and dead initializers, then the audit: a graph that still computes a weight, or anything
-    from constants alone, is refused."""
+    from constants alone, is refused. External initializers are read from ``base_dir`` when a pass needs them."""
     from .onnx_graph import (
         audit_graph,
         dedupe_initializers,
@@ -412,9 +448,9 @@ def rewrite_and_audit(proto: onnx.ModelProto, *, fold: bool) -> GraphPasses:
         proto = fold_constants(proto)
     # Whatever computes on constants alone is evaluated here, one node at a time (with either exporter, folded
     # by onnxscript or not): the written graph computes nothing that could have been a constant.
-    fold_constant_nodes(proto)
-    deduped = dedupe_initializers(proto)
-    guards = guard_pad_maxpool(proto)
+    fold_constant_nodes(proto, base_dir)
+    deduped = dedupe_initializers(proto, base_dir)
+    guards = guard_pad_maxpool(proto, base_dir)
     drop_unused_initializers(proto)
     problems = audit_graph(proto)
     if problems:
@@ -426,6 +462,28 @@ def rewrite_and_audit(proto: onnx.ModelProto, *, fold: bool) -> GraphPasses:
     return GraphPasses(proto, deduped, guards)
 
 
+def _graph_with_weights_on_disk(raw_path: Path, *, fold: bool) -> onnx.ModelProto:
+    """The exported graph as a proto whose initializers of 1 KiB or more point into a data file beside
+    ``raw_path`` (the dynamo exporter wrote them there; a TorchScript graph's are moved there, after onnxscript's
+    constant folding when ``fold``): the passes and the save read them one at a time."""
+    import onnx
+
+    from .onnx_graph import fold_constants
+    from .onnx_store import is_external, write_external
+
+    if not fold:
+        proto = onnx.load(str(raw_path), load_external_data=False)
+        if all(is_external(t) or len(t.raw_data) < 1024 for t in proto.graph.initializer):
+            return proto
+        del proto
+    proto = onnx.load(str(raw_path), load_external_data=True)
+    if fold:
+        proto = fold_constants(proto)
+    work = raw_path.parent
+    write_external(proto, work, work / "weights.bin", location="weights.bin")
+    return proto
+
+
 def stamp_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
     existing = {p.key: p for p in proto.metadata_props}
     for key, value in props.items():
@@ -433,38 +491,45 @@ def stamp_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
         entry.key, entry.value = key, str(value)
 
 
-def _mark_external(proto: onnx.ModelProto, location: str, threshold: int = 1024) -> None:
-    """Point every initializer of ``threshold`` bytes or more at one external data file. (onnx.save_model's own
-    conversion refuses whenever the working directory happens to hold a file named ``location``.)"""
-    from onnx.external_data_helper import set_external_data
-
-    for tensor in proto.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
-            set_external_data(tensor, location)
-
-
 def checked_save(
-    proto: onnx.ModelProto, out: Path, workdir: Path, *, external: bool, force: bool, keep: Sequence[Path] = ()
+    proto: onnx.ModelProto,
+    out: Path,
+    workdir: Path,
+    *,
+    external: bool,
+    force: bool,
+    keep: Sequence[Path] = (),
+    base_dir: Path | None = None,
 ) -> None:
-    """Save into ``workdir``, run onnx.checker's full check on the file, then move it onto ``out``: the data file
-    first, the graph last, so OUT never points at missing data. A stale ``OUT.data`` beside a graph written
-    without external data is removed with --force, unless it is one of the files in ``keep``."""
+    """Run onnx.checker's full check on the graph, write it into ``workdir`` (its weights streamed from
+    ``base_dir``, where the proto's external initializers point, into OUT.data or into the one file), then move
+    it onto ``out``: the data file first, the graph last, so OUT never points at missing data. A stale
+    ``OUT.data`` beside a graph written without external data is removed with --force, unless it is one of the
+    files in ``keep``."""
     import onnx
 
+    from .onnx_store import write_external, write_single
     from .paths import file_mode, place, signals_held
 
-    final = workdir / out.name
-    data_name = f"{out.name}.data"
-    if external:
-        _mark_external(proto, data_name)
-    onnx.save_model(proto, str(final))
+    base_dir = base_dir or workdir
+    staged = base_dir / ".checked.onnx"
+    onnx.save_model(proto, str(staged))  # small: the weights stay where they are
     try:
-        onnx.checker.check_model(str(final), full_check=True)
+        onnx.checker.check_model(str(staged), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(
             f"onnx.checker rejects the exported graph: {first_line(exc)}",
             "try another --opset or --exporter, and report it if the default ones fail.",
         ) from None
+    finally:
+        staged.unlink()
+    final = workdir / out.name
+    data_name = f"{out.name}.data"
+    if external:
+        write_external(proto, base_dir, workdir / data_name, location=data_name)
+        onnx.save_model(proto, str(final))
+    else:
+        write_single(proto, base_dir, final)
     data = out.with_name(data_name)
     for written in (workdir / data_name, final):
         if written.exists():
@@ -556,7 +621,6 @@ def export_onnx(
     ``out``. ``model`` is not changed. ``input_shapes`` defaults to the size the model declares;
     ``external_data=None`` picks external data automatically above ~1.8 GB. The reports and source go into the
     graph's metadata."""
-    import onnx
 
     from .pipeline import Prepared
 
@@ -592,7 +656,10 @@ def export_onnx(
         check_output(data_path, force=force, source=source, option="--onnx (its external data file)")
 
     with temp_folder(out) as tmpdir:
-        raw_path = tmpdir / "exported.onnx"
+        # The exporter's files go in a folder of their own (OUT's name may be anything, "exported.onnx" too).
+        work = tmpdir / "work"
+        work.mkdir()
+        raw_path = work / "exported.onnx"
         if progress:
             progress(f"torch.onnx.export ({exporter})")
         with _quiet_exporter(notes), _exporter_errors(exporter):
@@ -606,14 +673,13 @@ def export_onnx(
                 output_names=traced.output_names,
                 dynamic_batch=dynamic_batch,
                 dynamic_hw=dynamic_hw,
-                external=external,
             )
         if progress:
             progress("audit and rewrite graph")
-        proto = onnx.load(str(raw_path), load_external_data=True)
+        proto = _graph_with_weights_on_disk(raw_path, fold=simplify and exporter == "torchscript")
         # The dynamo exporter already ran onnxscript's optimizer; the TorchScript one leaves constant subgraphs
-        # (pad construction, shape arithmetic).
-        passes = rewrite_and_audit(proto, fold=simplify and exporter == "torchscript")
+        # (pad construction, shape arithmetic), folded above.
+        passes = rewrite_and_audit(proto, fold=False, base_dir=work)
         proto = passes.model
         props = provenance(bake_report, fold_report, source, baked_count)
         if traced.weights_dtype is not None:
@@ -624,8 +690,10 @@ def export_onnx(
         nodes, initializers = len(proto.graph.node), len(proto.graph.initializer)
         guards, deduped = passes.pad_guards, passes.deduplicated
         del passes
-        checked_save(proto, out, tmpdir, external=external, force=force, keep=[p for p in (source,) if p])
-        del proto  # the graph can be as large as the model: not kept past the save
+        checked_save(
+            proto, out, tmpdir, external=external, force=force, keep=[p for p in (source,) if p], base_dir=work
+        )
+        del proto
     return ExportResult(
         output=out,
         nodes=nodes,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from .onnx_store import external_length, is_external, read_bytes, to_array
 
 WEIGHT_OPS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,)}
 # Arithmetic that weight standardization leaves when it is not folded.
@@ -69,18 +72,24 @@ def audit_graph(model: onnx.ModelProto) -> list[str]:
     return problems
 
 
-def dedupe_initializers(model: onnx.ModelProto, min_bytes: int = 1024) -> int:
-    """Point every use of a byte-identical initializer at one copy; return how many copies were dropped."""
+def dedupe_initializers(model: onnx.ModelProto, base_dir: Path | None = None, min_bytes: int = 1024) -> int:
+    """Point every use of a byte-identical initializer at one copy; return how many copies were dropped.
+    External initializers are read one at a time from ``base_dir``."""
     graph = model.graph
     first: dict[tuple, str] = {}
     rename: dict[str, str] = {}
     keep = []
     for init in graph.initializer:
-        raw = init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
-        if len(raw) < min_bytes or init.data_location == onnx.TensorProto.EXTERNAL:
+        size = external_length(init, base_dir) if is_external(init) else None
+        if size is not None and size < min_bytes:
+            keep.append(init)
+            continue
+        raw = read_bytes(init, base_dir)
+        if len(raw) < min_bytes:
             keep.append(init)
             continue
         key = (init.data_type, tuple(init.dims), hashlib.sha256(raw).digest())
+        del raw
         if key in first:
             rename[init.name] = first[key]
         else:
@@ -111,7 +120,7 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
                 yield from _all_nodes(attr.g)
 
 
-def guard_pad_maxpool(model: onnx.ModelProto) -> list[str]:
+def guard_pad_maxpool(model: onnx.ModelProto, base_dir: Path | None = None) -> list[str]:
     """Stop onnxruntime fusing a zero Pad into the MaxPool after it.
 
     The fused MaxPool pads with -inf, so a window holding only negative values (TF-style stems: conv, Pad(0),
@@ -134,7 +143,7 @@ def guard_pad_maxpool(model: onnx.ModelProto) -> list[str]:
         if len(node.input) > 2 and node.input[2]:
             value_name = node.input[2]
             if value_name in inits:
-                value = numpy_helper.to_array(inits[value_name])
+                value = to_array(inits[value_name], base_dir)
             else:
                 const = next((n for n in graph.node if n.op_type == "Constant" and n.output[0] == value_name), None)
                 if const is None:
@@ -225,7 +234,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 MAX_FOLDED_BYTES = 64 << 20
 
 
-def fold_constant_nodes(model: onnx.ModelProto) -> int:
+def fold_constant_nodes(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
     """Evaluate every node whose inputs are all constants (the TorchScript exporter's pad construction:
     ConstantOfShape -> Concat -> Reshape -> Slice -> Transpose -> Reshape -> Cast) with ONNX's reference
     evaluator, and store its outputs as initializers. Returns the number of nodes folded."""
@@ -249,7 +258,7 @@ def fold_constant_nodes(model: onnx.ModelProto) -> int:
         )
         if foldable:
             try:
-                feeds = {i: numpy_helper.to_array(values[i]) for i in inputs}
+                feeds = {i: to_array(values[i], base_dir) for i in inputs}
                 single = onnx.helper.make_model(
                     onnx.helper.make_graph(
                         [node],

@@ -162,10 +162,12 @@ def atomic_path(out: Path, *, force: bool = False) -> Iterator[Path]:
     out = Path(out)
     # The output's own suffix last: some writers check it (torch.export.save warns on anything but .pt2).
     suffix = ".tmp" + (out.suffix if len(out.suffix) <= 16 else "")
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=out.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        with signals_held():  # a stop signal between mkstemp and this block would leave the file behind
+            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=out.parent)
+            os.close(fd)
+            tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -173,16 +175,21 @@ def atomic_path(out: Path, *, force: bool = False) -> Iterator[Path]:
         with signals_held():
             place(tmp_path, out, force=force)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        if tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
 
 
 @contextlib.contextmanager
 def temp_folder(beside: Path) -> Iterator[Path]:
     """A temporary folder beside ``beside`` (same file system, so its files can be moved into place), removed
     with whatever it holds when the block ends, however it ends."""
-    folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=Path(beside).parent))
+    folder = None
     try:
+        with signals_held():  # a stop signal between mkdtemp and this block would leave the folder behind
+            folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=Path(beside).parent))
         yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            with signals_held():
+                shutil.rmtree(folder, ignore_errors=True)

@@ -425,8 +425,12 @@ def export(
     static_batch: StaticBatch = False,
     dynamic_hw: DynamicHW = False,
     exporter: Annotated[
-        str, typer.Option("--exporter", help="torchscript (default: fastest, see README) or dynamo.")
-    ] = "torchscript",
+        str,
+        typer.Option(
+            "--exporter",
+            help="dynamo (torch's supported exporter) or torchscript (faster, but deprecated by torch; see README).",
+        ),
+    ] = "dynamo",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
     external_data: Annotated[
         bool, typer.Option("--external-data", help="Store weights in OUT.onnx.data (automatic above 1.8 GB).")

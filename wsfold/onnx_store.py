@@ -1,0 +1,182 @@
+"""Write an ONNX graph whose weights live in external data files without holding the weights in memory.
+
+While wsfold rewrites and checks a graph, its proto holds only references into the exporter's data file. The
+written graph is then assembled from that proto and the data file one tensor at a time: either with its own
+data file (``write_external``) or as one self-contained file (``write_single``). A self-contained file is the
+protobuf encoding of the whole model; protobuf lets a message's fields arrive in any order, so the graph is
+written as the small proto without its initializers followed by each initializer's bytes, streamed from disk.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, numpy_helper
+
+# Protobuf field numbers (onnx.proto): ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+_LENGTH_DELIMITED = 2
+_CHUNK = 16 << 20
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return external_data_helper.uses_external_data(tensor)
+
+
+def _location(tensor: onnx.TensorProto, base_dir: Path) -> tuple[Path, int, int | None]:
+    info = external_data_helper.ExternalDataInfo(tensor)
+    name = Path(info.location)
+    if name.is_absolute() or ".." in name.parts:
+        raise ValueError(f"tensor {tensor.name!r} points outside its folder: {info.location!r}")
+    length = info.length if info.length else None
+    return base_dir / name, info.offset or 0, length
+
+
+def _byte_size(tensor: onnx.TensorProto) -> int:
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def external_length(tensor: onnx.TensorProto, base_dir: Path) -> int:
+    path, offset, length = _location(tensor, base_dir)
+    return length if length is not None else _byte_size(tensor)
+
+
+def read_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
+    """The raw bytes of a tensor, from its external data file when it has one."""
+    if not is_external(tensor):
+        return tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+    path, offset, length = _location(tensor, base_dir)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length if length is not None else _byte_size(tensor))
+    return data
+
+
+def _chunks(tensor: onnx.TensorProto, base_dir: Path) -> Iterator[bytes]:
+    path, offset, length = _location(tensor, base_dir)
+    left = length if length is not None else _byte_size(tensor)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while left:
+            chunk = f.read(min(left, _CHUNK))
+            if not chunk:
+                raise ValueError(f"external data of tensor {tensor.name!r} ends early in {path.name}")
+            left -= len(chunk)
+            yield chunk
+
+
+def to_array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
+    """A tensor's value (its proto is not changed)."""
+    if is_external(tensor):
+        return numpy_helper.to_array(tensor, base_dir=str(base_dir))
+    return numpy_helper.to_array(tensor)
+
+
+def _plain(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """The tensor's description without its data or any external data entry."""
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    copy.ClearField("raw_data")
+    copy.ClearField("data_location")
+    del copy.external_data[:]
+    return copy
+
+
+def write_external(
+    model: onnx.ModelProto, base_dir: Path, data_path: Path, *, location: str, threshold: int = 1024
+) -> None:
+    """Write every initializer of ``threshold`` bytes or more into ``data_path`` (one after the other, 64-byte
+    aligned), copied from wherever it is now, and point ``model`` at it by ``location``."""
+    with open(data_path, "wb") as out:
+        for tensor in model.graph.initializer:
+            external = is_external(tensor)
+            size = external_length(tensor, base_dir) if external else len(read_bytes(tensor, base_dir))
+            if size < threshold:
+                if external:
+                    raw = read_bytes(tensor, base_dir)
+                    tensor.CopyFrom(_plain(tensor))
+                    tensor.raw_data = raw
+                continue
+            offset = out.seek(0, io.SEEK_END)
+            if offset % 64:
+                out.write(b"\0" * (64 - offset % 64))
+                offset = out.tell()
+            if external:
+                for chunk in _chunks(tensor, base_dir):
+                    out.write(chunk)
+            else:
+                out.write(read_bytes(tensor, base_dir))
+            tensor.CopyFrom(_plain(tensor))
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(size))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | _LENGTH_DELIMITED)
+
+
+def _field_header(field: int, length: int) -> bytes:
+    return _key(field) + _varint(length)
+
+
+# protobuf refuses to parse a message of 2 GiB or more.
+MAX_SINGLE_FILE = (2 << 30) - 1
+
+
+def write_single(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
+    """Write ``model`` as one self-contained file, streaming external initializers from ``base_dir``."""
+    # Each initializer as (its description without data, the length of its data, whether the data is external).
+    parts = []
+    for tensor in model.graph.initializer:
+        if is_external(tensor):
+            head = _plain(tensor).SerializeToString()
+            parts.append((tensor, head, external_length(tensor, base_dir)))
+        else:
+            parts.append((tensor, tensor.SerializeToString(), None))
+    tensor_sizes = [len(h) + (len(_field_header(_TENSOR_RAW_DATA, n)) + n if n is not None else 0) for _, h, n in parts]
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    del graph.initializer[:]
+    graph_head = graph.SerializeToString()
+    del graph
+    graph_size = len(graph_head) + sum(len(_field_header(_GRAPH_INITIALIZER, s)) + s for s in tensor_sizes)
+    shell = onnx.ModelProto()
+    shell.CopyFrom(model)  # cheap: the large initializers are references
+    shell.ClearField("graph")
+    shell_bytes = shell.SerializeToString()
+    total = len(shell_bytes) + len(_field_header(_MODEL_GRAPH, graph_size)) + graph_size
+    if total > MAX_SINGLE_FILE:
+        raise ValueError(f"the graph is {total} bytes, more than one protobuf file can hold; use external data")
+    with open(path, "wb") as out:
+        out.write(shell_bytes)
+        out.write(_field_header(_MODEL_GRAPH, graph_size))
+        out.write(graph_head)
+        for (tensor, head, length), size in zip(parts, tensor_sizes):
+            out.write(_field_header(_GRAPH_INITIALIZER, size))
+            out.write(head)
+            if length is not None:
+                out.write(_field_header(_TENSOR_RAW_DATA, length))
+                for chunk in _chunks(tensor, base_dir):
+                    out.write(chunk)
+        written = out.tell()
+    if written != total:
+        raise AssertionError(f"wrote {written} bytes of a {total}-byte graph")
