@@ -541,7 +541,10 @@ def _finding(name, module, call, w0, pad_spec, raw_name, bias_param, formula, ro
         low = int((rounded.var_b < formula.eps).sum())
         if low:
             layer.warnings.append(f"{low} filter(s) with variance below eps={formula.eps:g}")
-    layer.nonfinite = int((~torch.isfinite(w0)).sum()) if w0.is_floating_point() else 0
+    if rounded is not None and rounded.observed_finite:
+        layer.nonfinite = 0  # known without another pass over the weight
+    else:
+        layer.nonfinite = int((~torch.isfinite(w0)).sum()) if w0.is_floating_point() else 0
     if layer.nonfinite:
         stored = own_tensors(module).get(raw_name) if raw_name else None
         bad = int((~torch.isfinite(stored)).sum()) if stored is not None else 0

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .memory import fresh_empty
+
 # Denominator D as a function of (biased var, unbiased var, fan-in n, numel of the filter, eps).
 _DENOMINATORS = {
     "V1": ("sqrt(var_b + eps)", lambda vb, vu, n, eps: torch.sqrt(vb + eps)),
@@ -161,6 +163,9 @@ class Rounded:
     weight: torch.Tensor | None
     misfit: float | None
     var_b: torch.Tensor
+    # Whether every element of the observed weight is finite (None when none was given): its min and max,
+    # computed for the misfit anyway, are finite exactly when it holds no NaN or inf.
+    observed_finite: bool | None = None
 
 
 def standardize_rounded(
@@ -187,7 +192,7 @@ def standardize_rounded(
     flat = weight.detach().reshape(channels, -1)
     n = flat.shape[1]
     obs = None if observed is None else observed.detach().reshape(channels, -1)
-    out = torch.empty(weight.shape, dtype=out_dtype) if keep else None
+    out = fresh_empty(tuple(weight.shape), out_dtype) if keep else None
     out_flat = None if out is None else out.view(channels, -1)
     rows = max(1, min(channels, chunk_elems // max(n, 1)))
     buf = _scratch("wide", rows * n, torch.float64).view(rows, n)
@@ -202,6 +207,7 @@ def standardize_rounded(
     offset = None if shift is None else shift.detach().to(torch.float64).reshape(-1)
     var_parts = []
     worst = top = 0.0
+    observed_finite = None if obs is None else True
     for lo in range(0, channels, rows):
         hi = min(channels, lo + rows)
         b = buf[: hi - lo]
@@ -223,6 +229,8 @@ def standardize_rounded(
             low, high = torch.sub(rounded, target, out=diff[: hi - lo]).aminmax()
             low_t, high_t = target.aminmax()
             spread = (float(low), float(high), float(low_t), float(high_t))
+            if not (math.isfinite(spread[2]) and math.isfinite(spread[3])):
+                observed_finite = False
             if not all(math.isfinite(v) for v in spread):
                 spread = _nonfinite_spread(rounded, target)
             worst = max(worst, -spread[0], spread[1])
@@ -232,7 +240,7 @@ def standardize_rounded(
             released = hi
     misfit = None if obs is None else (worst / top if top > 0 else math.inf)
     var_b = torch.cat(var_parts) if var_parts else torch.empty(0, dtype=torch.float64)
-    return Rounded(out, misfit, var_b)
+    return Rounded(out, misfit, var_b, observed_finite)
 
 
 def _nonfinite_spread(rounded: torch.Tensor, target: torch.Tensor) -> tuple[float, float, float, float]:

@@ -1,4 +1,5 @@
-"""Hand back to the OS the pages of a memory-mapped source weight that baking no longer needs.
+"""Hand back to the OS the pages of a memory-mapped source weight that baking no longer needs, and ask for huge
+pages for the large tensors baking writes.
 
 A checkpoint loaded with mmap is a private file mapping: each weight's pages count in the resident set once read,
 and stay there after the baked layer replaces the weight, for the mapping lives as long as any tensor of the
@@ -14,7 +15,9 @@ import sys
 import torch
 
 _MADV_PAGEOUT = 21
+_MADV_HUGEPAGE = 14
 _PAGE = 4096
+_HUGE = 2 << 20
 _libc = None
 
 
@@ -71,3 +74,18 @@ class FilePages:
         if hi - lo < 16 * _PAGE:
             return False
         return _madvise()(lo, hi - lo, _MADV_PAGEOUT) == 0
+
+
+def fresh_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty, backed by transparent huge pages where the kernel offers them on request (Linux
+    ``madvise`` mode): a fresh tensor of tens of MB is otherwise faulted in 4 KiB at a time when first written,
+    which costs more than writing it (1.9 against 1.0 ns per float32 measured on the project's machine)."""
+    out = torch.empty(shape, dtype=dtype)
+    nbytes = out.numel() * out.element_size()
+    madvise = _madvise() if sys.platform.startswith("linux") and nbytes >= 4 * _HUGE else None
+    if madvise is not None:
+        begin = out.data_ptr()
+        lo, hi = -(-begin // _HUGE) * _HUGE, (begin + nbytes) // _HUGE * _HUGE
+        if hi > lo:
+            madvise(lo, hi - lo, _MADV_HUGEPAGE)  # advice only: refused or not, the tensor is the same
+    return out
