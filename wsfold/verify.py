@@ -620,7 +620,7 @@ def verify_onnx(
         grow = _accepted_growth(session, model, input_shapes, default, value_ranges, notes)
         feeds = sample_inputs(session, input_shapes, samples, seed, default, value_ranges, grow)
     refs = _References(model, model64)
-    meta = graph_metadata(onnx_path)
+    meta = graph_metadata(session)
     graph_dtype = _graph_float_dtype(session, meta)
     if graph_dtype is not None and torch.finfo(graph_dtype).eps > torch.finfo(model_dtype(model)).eps:
         # A graph of lower precision than the checkpoint (export --dtype float16) is held to what the
@@ -647,16 +647,21 @@ def verify_onnx(
     if refs.graph_dtype is not None:
         result.reference += f"; the graph computes in {str(refs.graph_dtype).removeprefix('torch.')}, so the "
         result.reference += "checkpoint's own error is measured at that precision"
-    if per_layer:
-        if progress:
-            progress("compare initializers per layer")
-        sample = _as_args([feeds[0][i.name] for i in session.get_inputs()], model_dtype(original))
-        result.layers = compare_layers(original, detection, onnx_path, prepared=prepared, sample=sample)
     if not all(c.passed for c in checks) and ort_opt_level != "disable":
         if progress:
             progress("re-run with onnxruntime optimizations disabled")
         plain = _run_checks(ort_session(onnx_path, "disable"), refs, feeds, rule, unit, onnx_names)
-        if all(c.passed for c in plain):
+        cause_is_optimizer = all(c.passed for c in plain)
+        del plain
+    sample = _as_args([feeds[0][i.name] for i in session.get_inputs()], model_dtype(original))
+    # The per-layer check needs neither the session nor the reference models: hand their memory back first.
+    del session, refs, model64
+    if per_layer:
+        if progress:
+            progress("compare initializers per layer")
+        result.layers = compare_layers(original, detection, onnx_path, prepared=prepared, sample=sample)
+    if not all(c.passed for c in checks) and ort_opt_level != "disable":
+        if cause_is_optimizer:
             result.cause = "onnxruntime's graph optimizer (the graph passes with optimizations disabled)"
             result.hint = (
                 "deploy with SessionOptions.graph_optimization_level = ORT_ENABLE_BASIC (or disabled), or re-export "
@@ -679,11 +684,10 @@ def _hint(result: VerificationResult) -> str:
     return "every weight matches its layer: the difference is in what the graph does with them (its operations)"
 
 
-def graph_metadata(onnx_path: Path) -> dict[str, str]:
-    """The graph's metadata_props (what wsfold export stamped), read once."""
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+def graph_metadata(session) -> dict[str, str]:
+    """The graph's metadata_props (what wsfold export stamped), from the session that loaded it (loading the
+    file again would read a one-file graph's weights once more)."""
+    return dict(session.get_modelmeta().custom_metadata_map)
 
 
 def _graph_float_dtype(session, meta: dict[str, str]) -> torch.dtype | None:
