@@ -192,3 +192,54 @@ def test_allclose_rule_with_atol_rtol(exported):
     assert json.loads(loose.stdout)["criterion"].startswith("allclose(atol=0.1, rtol=0.002")
     assert loose.exit_code == 0
     assert strict.exit_code == 1  # float32 kernels differ from PyTorch's in the last bits
+
+
+def test_widened_on_call_computes_what_a_float64_copy_computes_and_puts_every_tensor_back():
+    import copy
+
+    from wsfold.modeltree import structural_copy, widened_on_call
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)
+    ).eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    expected = copy.deepcopy(model).double()(x)
+    private = structural_copy(model)
+    before = {k: (v.dtype, v.data_ptr()) for k, v in private.state_dict().items()}
+    widest = []
+    with torch.no_grad(), widened_on_call(private):
+        probe = private[3].register_forward_pre_hook(  # runs after the widening hook
+            lambda m, a: widest.append(sum(t.dtype == torch.float64 for t in private.state_dict().values()))
+        )
+        got = private(x)
+    probe.remove()
+    assert torch.equal(got, expected)
+    assert widest == [2]  # while the last conv runs, its weight and bias are float64, not all 8 of the model
+    assert {k: (v.dtype, v.data_ptr()) for k, v in private.state_dict().items()} == before
+
+
+class _ReadsAnotherModulesWeight(torch.nn.Module):
+    """The head is never called: forward reads its weight directly (as tied-embedding decoders do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.head = torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        return torch.nn.functional.linear(y, self.head.weight, self.head.bias)
+
+
+def test_verify_widens_a_whole_copy_when_the_model_reads_another_modules_weight(tmp_path):
+    import wsfold
+
+    torch.manual_seed(0)
+    model = _ReadsAnotherModulesWeight().eval()
+    prepared = wsfold.prepare(model)
+    out = tmp_path / "m.onnx"
+    wsfold.export_onnx(prepared, out, input_shapes=["1,3,8,8"])
+    result = wsfold.verify_onnx(prepared, out, input_shapes=[(1, 3, 8, 8)])
+    assert result.passed, result
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values())

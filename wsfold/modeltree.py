@@ -130,3 +130,46 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def widened_on_call(model: nn.Module, dtype: torch.dtype = torch.float64) -> Iterator[nn.Module]:
+    """Run ``model`` in ``dtype`` without a ``dtype`` copy of all its weights: while the block lasts, each
+    module's own floating parameters and buffers are widened when its forward starts and put back when it ends,
+    so at most the weights of the modules being run (a layer and its parents) exist widened at a time.
+
+    ``model`` must be a private copy (see structural_copy): its modules' tensor slots are swapped during calls.
+    A model whose code reads another module's weight without calling that module sees the narrow tensor and
+    fails on the dtype mismatch; callers then widen a full copy instead."""
+    saved: dict[int, list[dict[str, tuple[bool, torch.Tensor]]]] = {}
+
+    def before(module: nn.Module, args: object) -> None:
+        own: dict[str, tuple[bool, torch.Tensor]] = {}
+        for slots, is_param in ((module._parameters, True), (module._buffers, False)):
+            for name, t in list(slots.items()):
+                if t is not None and t.is_floating_point() and t.dtype != dtype:
+                    own[name] = (is_param, t)
+                    wide = t.detach().to(dtype)
+                    slots[name] = nn.Parameter(wide, requires_grad=False) if is_param else wide
+        saved.setdefault(id(module), []).append(own)
+
+    def after(module: nn.Module, args: object, output: object) -> None:
+        stack = saved.get(id(module))
+        if not stack:
+            return
+        for name, (is_param, t) in stack.pop().items():
+            (module._parameters if is_param else module._buffers)[name] = t
+
+    handles = []
+    try:
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(before))
+            handles.append(module.register_forward_hook(after, always_call=True))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in model.modules():  # put back whatever an interrupted forward left widened
+            while saved.get(id(module)):
+                for name, (is_param, t) in saved[id(module)].pop().items():
+                    (module._parameters if is_param else module._buffers)[name] = t

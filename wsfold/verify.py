@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import VerifyInputError, first_line
 from .inputs import ValueRange, per_input, random_array
-from .modeltree import eval_mode, model_dtype, require_module, set_eval, set_submodule, structural_copy
+from .modeltree import eval_mode, model_dtype, require_module, set_eval, set_submodule, structural_copy, widened_on_call
 from .probe import own_tensors, probe_shapes, run_probe
 
 if TYPE_CHECKING:
@@ -156,7 +156,9 @@ def ort_session(path: Path, level: str = "all"):
 
 
 def float64_reference(model: nn.Module, detection: Detection) -> tuple[nn.Module, list[str]]:
-    """A float64 copy of the original model that computes the same function as at its own dtype.
+    """A copy of the original model that computes, in float64, the same function as at its own dtype. It shares
+    the model's tensors and is run with ``widened_on_call`` (see _References): no float64 copy of the whole
+    model is made unless its code needs one.
 
     A layer whose math depends on the input dtype (eps 1e-5 for float32, 1e-3 otherwise) would compute another
     function in float64: such layers get their weight from the formula observed at the model's dtype instead.
@@ -165,7 +167,7 @@ def float64_reference(model: nn.Module, detection: Detection) -> tuple[nn.Module
     from .bake import build_plain
     from .formulas import standardize
 
-    model64 = set_eval(structural_copy(model, torch.float64))
+    model64 = set_eval(structural_copy(model))
     replaced = []
     for layer in detection.layers:
         module = model.get_submodule(layer.name) if layer.name else model
@@ -175,7 +177,8 @@ def float64_reference(model: nn.Module, detection: Detection) -> tuple[nn.Module
             own = own_tensors(module)
             expected = standardize(own[layer.source_param], layer.formula, *layer.formula.affine_tensors(own))
         try:
-            run = run_probe(module64, probe_shapes(module64, layer.weight_shape)[0][0], torch.float64, 0)
+            with widened_on_call(module64):
+                run = run_probe(module64, probe_shapes(module64, layer.weight_shape)[0][0], torch.float64, 0)
             got = run.ops[0].args["weight"]
         except Exception:  # noqa: BLE001 - fall back to the observed formula
             got = None
@@ -492,9 +495,20 @@ class _References:
     checkpoint) at the graph's dtype: what the checkpoint's own math gives at that precision."""
 
     model: nn.Module
-    model64: nn.Module
+    model64: nn.Module  # run widened on call, until a model's code needs a whole float64 copy (then it is one)
     at_graph_dtype: nn.Module | None = None
     graph_dtype: torch.dtype | None = None
+    whole64: bool = False
+
+    def evaluate64(self, args: tuple[torch.Tensor, ...]):
+        if not self.whole64:
+            try:
+                with widened_on_call(self.model64):
+                    return _evaluate(self.model64, args)
+            except VerifyInputError:
+                # Code that reads another module's weight without calling it: widen everything, once.
+                self.model64, self.whole64 = structural_copy(self.model64, torch.float64), True
+        return _evaluate(self.model64, args)
 
 
 def _run_checks(session, refs: _References, feeds, rule, unit, onnx_names) -> list[OutputCheck]:
@@ -511,7 +525,7 @@ def _run_checks(session, refs: _References, feeds, rule, unit, onnx_names) -> li
                     "forced on? random noise in forward?): no graph can be compared with it.",
                     "make the model deterministic in eval mode.",
                 )
-        _, ref64 = _evaluate(refs.model64, _as_args(arrays, torch.float64))
+        _, ref64 = refs.evaluate64(_as_args(arrays, torch.float64))
         ref_g = None
         if refs.at_graph_dtype is not None:
             _, ref_g = _evaluate(refs.at_graph_dtype, _as_args(arrays, refs.graph_dtype))
