@@ -95,3 +95,11 @@ def test_a_pt2_is_a_source_for_export_and_verify_with_allow_pickle(tmp_path):
     assert res.exit_code == 0, res.stdout
     res = run("verify", pt2, "--allow-pickle", "--onnx", onnx_path, "--input-shape", "1,3,32,32", "-q")
     assert res.exit_code == 0, res.stdout
+
+
+def test_dynamic_hw_from_a_pt2_with_fixed_sizes_is_refused(tmp_path):
+    pt2 = tmp_path / "bit.pt2"
+    assert run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", pt2, "-q").exit_code == 0
+    out = tmp_path / "bit.onnx"
+    res = run("export", pt2, "--onnx", out, "--input-shape", "1,3,32,32", "--allow-pickle", "--dynamic-hw")
+    assert res.exit_code == 2 and "fixed spatial sizes" in res.stderr and not out.exists()

@@ -61,6 +61,9 @@ def assert_deployable(path):
     for node in model.graph.node:
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
             assert node.input[1] in {t.name for t in model.graph.initializer}
+    # No build-machine paths: the dynamo exporter's per-node stack traces are not shipped.
+    assert not any(n.metadata_props for n in model.graph.node)
+    assert not any(str(path.parent) in p.value or "site-packages" in p.value for p in model.metadata_props)
     # No node computes on constants alone (the TorchScript exporter's static-pad subgraphs are folded too).
     constants = {t.name for t in model.graph.initializer}
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}

@@ -449,6 +449,7 @@ def rewrite_and_audit(proto: onnx.ModelProto, *, fold: bool, base_dir: Path | No
     # Whatever computes on constants alone is evaluated here, one node at a time (with either exporter, folded
     # by onnxscript or not): the written graph computes nothing that could have been a constant.
     fold_constant_nodes(proto, base_dir)
+    strip_trace_metadata(proto)
     deduped = dedupe_initializers(proto, base_dir)
     guards = guard_pad_maxpool(proto, base_dir)
     drop_unused_initializers(proto)
@@ -482,6 +483,35 @@ def _graph_with_weights_on_disk(raw_path: Path, *, fold: bool) -> onnx.ModelProt
     work = raw_path.parent
     write_external(proto, work, work / "weights.bin", location="weights.bin")
     return proto
+
+
+def _require_dynamic_sizes(proto: onnx.ModelProto, source: Path | None) -> None:
+    """--dynamic-hw asked for sizes the graph does not have: the model fixed them (a torch.export program saved
+    with static sizes, a reshape to a constant size) and the exporter specialized the graph to the example."""
+    for value in proto.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) >= 3 and any(d.dim_param for d in dims[2:]):
+            return
+    if source is not None and source.suffix == ".pt2":
+        what = "SOURCE is a torch.export program saved with fixed spatial sizes"
+    else:
+        what = "the model fixes its spatial size: the exported graph has none that varies"
+    raise ExportError(
+        f"--dynamic-hw: {what}.", "export without --dynamic-hw, or from the checkpoint the .pt2 was baked from."
+    )
+
+
+def strip_trace_metadata(proto: onnx.ModelProto) -> None:
+    """Drop what the dynamo exporter records per node and value (Python stack traces with the build machine's
+    absolute paths, fx node names, class hierarchies): a third of a small graph's bytes, and nothing a runtime
+    reads. The model's own metadata (wsfold's provenance) is kept."""
+    from .onnx_graph import _all_nodes
+
+    for node in _all_nodes(proto.graph):
+        del node.metadata_props[:]
+    for values in (proto.graph.input, proto.graph.output, proto.graph.value_info, proto.graph.initializer):
+        for value in values:
+            del value.metadata_props[:]
 
 
 def stamp_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
@@ -677,6 +707,8 @@ def export_onnx(
         if progress:
             progress("audit and rewrite graph")
         proto = _graph_with_weights_on_disk(raw_path, fold=simplify and exporter == "torchscript")
+        if dynamic_hw:
+            _require_dynamic_sizes(proto, source)
         # The dynamo exporter already ran onnxscript's optimizer; the TorchScript one leaves constant subgraphs
         # (pad construction, shape arithmetic), folded above.
         passes = rewrite_and_audit(proto, fold=False, base_dir=work)
