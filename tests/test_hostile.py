@@ -1249,3 +1249,71 @@ def noisy():
     onnx_path = export_small(tmp_path, src, spec)
     res = run("verify", src, "--arch", f"{arch}:noisy", "--onnx", onnx_path, "--input-shape", "1,3,12,12")
     assert_error(res, 2, "different outputs")
+
+
+@pytest.mark.slow
+def test_a_signal_the_caller_ignores_stays_ignored(tmp_path):
+    """nohup's SIGHUP: the export runs on and writes its output."""
+    src, spec, _ = big_model(tmp_path)
+    out = tmp_path / "out.onnx"
+    cmd = _wsfold_cmd("export", src, "--arch", spec, "--onnx", out, "--input-shape", "1,3,8,8", "-q")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=SUBPROC_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    time.sleep(3)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert out.exists()
+
+
+def test_dynamo_refusing_the_model_names_the_cause_in_one_line(tmp_path):
+    arch = write_arch(
+        tmp_path,
+        """
+import torch
+from torch import nn
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.c(x) if x.sum() > 0 else self.c(-x)
+
+def make():
+    return DataDependent()
+""",
+        tag="datadep",
+    )
+    src = tmp_path / "dd.pt"
+    torch.save({"c.weight": torch.randn(4, 3, 3, 3), "c.bias": torch.zeros(4)}, src)
+    res = run("export", src, "--arch", f"{arch}:make", "--onnx", tmp_path / "dd.onnx", "--input-shape", "1,3,8,8")
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data-dependent" in lines[0] and "\x1b" not in lines[0], res.stderr
+    assert "--exporter torchscript" in lines[0] and not (tmp_path / "dd.onnx").exists()
+
+
+def test_an_output_name_of_255_bytes_exports_without_a_data_file(tmp_path):
+    src, spec, _ = small_model(tmp_path)
+    out = tmp_path / ("a" * 250 + ".onnx")
+    res = run("export", src, "--arch", spec, "--onnx", out, "-q")
+    assert res.exit_code == 0, res.stderr
+    assert out.exists()
+
+
+def test_verify_follows_a_data_file_that_is_a_link(tmp_path):
+    src, spec, _ = small_model(tmp_path)
+    out = tmp_path / "m.onnx"
+    assert run("export", src, "--arch", spec, "--onnx", out, "--external-data", "-q").exit_code == 0
+    (tmp_path / "m.onnx.data").rename(tmp_path / "real.data")
+    (tmp_path / "m.onnx.data").symlink_to("real.data")
+    res = run("verify", src, "--arch", spec, "--onnx", out, "-q")
+    assert res.exit_code == 0, res.stderr

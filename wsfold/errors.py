@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+import errno
+
+# What the machine, not wsfold, refused: a full disk, a read-only or foreign file, a name too long.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENAMETOOLONG,
+    errno.EIO,
+    errno.EMFILE,
+    errno.ENFILE,
+}
+
 
 class WsfoldError(Exception):
     """Root of every failure caused by the user's input. ``hint`` says how to fix it."""

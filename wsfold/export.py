@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -289,17 +290,37 @@ def trace_inputs(
 
 @contextlib.contextmanager
 def _exporter_errors(exporter: str):
-    """torch.onnx refusing the model (an op ONNX lacks, control flow it cannot capture) is about the model."""
+    """torch.onnx refusing the model (an op ONNX lacks, control flow it cannot capture) is about the model; a full
+    disk or a refused write is the machine's (left for the CLI to say so)."""
+    from .errors import ENVIRONMENT_ERRNOS
+
     try:
         yield
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
+    except OSError as exc:
+        if exc.errno in ENVIRONMENT_ERRNOS:
+            raise
+        raise _model_refused(exporter, exc) from None
     except Exception as exc:  # noqa: BLE001 - the exporters raise many types
-        other = "dynamo" if exporter == "torchscript" else "torchscript"
-        raise ExportError(
-            f"torch.onnx ({exporter}) cannot export the model: {type(exc).__name__}: {first_line(exc)[:300]}.",
-            f"try --exporter {other}, or change the model code it names.",
-        ) from None
+        raise _model_refused(exporter, exc) from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _model_refused(exporter: str, exc: BaseException) -> ExportError:
+    """The exporter's own wrapper ("Failed to export the model with torch.export ...") says where, its cause says
+    why (data-dependent control flow, an unsupported op): name the innermost one."""
+    cause = exc
+    while cause.__cause__ is not None and cause.__cause__ is not cause:
+        cause = cause.__cause__
+    text = _ANSI.sub("", first_line(cause))[:300]
+    other = "dynamo" if exporter == "torchscript" else "torchscript"
+    return ExportError(
+        f"torch.onnx ({exporter}) cannot export the model: {type(cause).__name__}: {text}.",
+        f"try --exporter {other}, or change the model code it names.",
+    )
 
 
 @contextlib.contextmanager
@@ -310,10 +331,15 @@ def _quiet_exporter(notes: list[str]):
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     torch_dir = str(Path(torch.__file__).parent)
     try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sink):
+        # torch.export prints the graph it could not capture to stderr; the error says what went wrong.
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+        ):
             warnings.simplefilter("always")
             yield sink
         for w in caught:
@@ -561,9 +587,8 @@ def checked_save(
     else:
         write_single(proto, base_dir, final)
     data = out.with_name(data_name)
-    for written in (workdir / data_name, final):
-        if written.exists():
-            os.chmod(written, file_mode())
+    for written in (workdir / data_name, final) if external else (final,):
+        os.chmod(written, file_mode())
     with signals_held():  # the data file and the graph arrive together, or neither does
         if not force and (out.exists() or out.is_symlink()):
             raise OutputError(
@@ -572,7 +597,7 @@ def checked_save(
             )
         if external:
             place(workdir / data_name, data, force=force)
-        elif force and (data.is_file() or data.is_symlink()) and not any(_same(data, k) for k in keep):
+        elif force and _is_file_or_link(data) and not any(_same(data, k) for k in keep):
             data.unlink()  # a stale data file of an earlier export; never a folder
         try:
             place(final, out, force=force)
@@ -580,6 +605,13 @@ def checked_save(
             if external and not force:
                 data.unlink()  # ours: placed a moment ago, and the graph it belongs to lost the race
             raise
+
+
+def _is_file_or_link(path: Path) -> bool:
+    try:
+        return path.is_symlink() or path.is_file()
+    except OSError:  # OUT.onnx.data may be a name too long to exist (OUT.onnx itself is not)
+        return False
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -71,9 +71,12 @@ def _chunks(tensor: onnx.TensorProto, base_dir: Path) -> Iterator[bytes]:
 
 
 def to_array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
-    """A tensor's value (its proto is not changed)."""
+    """A tensor's value (its proto is not changed). External data is read as onnxruntime reads it: a data file
+    that is a link is followed (onnx's own reader refuses links)."""
     if is_external(tensor):
-        return numpy_helper.to_array(tensor, base_dir=str(base_dir))
+        plain = _plain(tensor)
+        plain.raw_data = read_bytes(tensor, base_dir)
+        return numpy_helper.to_array(plain)
     return numpy_helper.to_array(tensor)
 
 

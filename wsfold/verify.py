@@ -800,14 +800,22 @@ def compare_layers(
     never calls on it (a spare head, a module the library builds and does not use) are not compared: the
     exporter drops them. A graph exported with ``--dtype`` (``wsfold_dtype``) is held to that precision."""
     import onnx
-    from onnx import numpy_helper
 
-    proto = onnx.load(str(onnx_path))
+    from .onnx_store import to_array
+
+    # External data is read here as onnxruntime reads it (a link to a data file is followed).
+    proto = onnx.load(str(onnx_path), load_external_data=False)
     meta = {p.key: p.value for p in proto.metadata_props}
     fold_state = meta.get("wsfold_fold")
     cast = getattr(torch, meta.get("wsfold_dtype", ""), None)
     cast = cast if isinstance(cast, torch.dtype) else None
-    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    try:
+        inits = {i.name: to_array(i, onnx_path.parent) for i in proto.graph.initializer}
+    except (OSError, ValueError) as exc:
+        raise VerifyInputError(
+            f"the weights of {onnx_path} cannot be read for the per-layer check ({first_line(exc)}).",
+            "re-export it with `wsfold export`, or pass --no-per-layer.",
+        ) from None
     roles: dict[int, dict[tuple, list[str]]] = {1: {}, 2: {}}
     for node in proto.graph.node:
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):

@@ -15,11 +15,12 @@ def _click_exceptions():
 def main() -> None:
     import sys
 
+    from .errors import EXIT_INPUT, ignore_stop_signals, install_signal_handlers
+
+    install_signal_handlers()  # before the heavy imports: a signal during them is an interruption too
     from .app import app
-    from .errors import EXIT_INPUT, install_signal_handlers
 
     clicks = _click_exceptions()
-    install_signal_handlers()
     try:
         # Not standalone: a usage error reaches us, to be said in one line like every other bad input.
         code = app(standalone_mode=False)
@@ -37,6 +38,7 @@ def main() -> None:
         _interrupted(exc.__cause__)  # click turns a signal before the command starts into Abort
     except KeyboardInterrupt as exc:
         _interrupted(exc)
+    ignore_stop_signals()  # done: a signal during the interpreter's shutdown cannot change what was done
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -44,6 +46,9 @@ def _interrupted(exc: BaseException | None) -> None:
     import signal
     import sys
 
-    signum = getattr(exc, "signum", signal.SIGINT)
-    print(f"wsfold: interrupted ({signal.Signals(signum).name}); no output was written.", file=sys.stderr)
+    from .errors import RECEIVED, ignore_stop_signals, interrupted_line
+
+    signum = RECEIVED["signum"] or getattr(exc, "signum", signal.SIGINT)
+    ignore_stop_signals()
+    print(interrupted_line(signum), file=sys.stderr)
     sys.exit(128 + signum)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import signal
@@ -12,6 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+
+from ..errors import ENVIRONMENT_ERRNOS, WsfoldError
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
@@ -30,9 +31,16 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+# The first stop signal received: whatever fails after it (an import it broke, a library that turned the
+# KeyboardInterrupt into its own error) is reported as the interruption, not as a bug or a bad input.
+RECEIVED: dict[str, int | None] = {"signum": None}
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     from ..paths import defer_signal
 
+    if RECEIVED["signum"] is None:
+        RECEIVED["signum"] = signum
     if defer_signal(signum):
         return  # outputs are being moved into place: raised again once they all are
     # A second signal must not interrupt the cleanup the first one started.
@@ -43,10 +51,27 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM and SIGHUP unwind like Ctrl-C does (Python's default only does so for SIGINT)."""
+    """SIGTERM and SIGHUP unwind like Ctrl-C does (Python's default only does so for SIGINT). A signal the caller
+    ignores (nohup's SIGHUP, SIGINT for a background job of a script) stays ignored."""
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN:
+            signal.signal(getattr(signal, name), _on_signal)
+
+
+def ignore_stop_signals() -> None:
+    """Once the command has finished (its outputs placed or not), a late signal cannot change what it did: let
+    the interpreter shut down without being interrupted, so the exit code says what happened."""
     for name in STOP_SIGNALS:
         if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _on_signal)
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def interrupted_line(signum: int) -> str:
+    from ..paths import PLACED
+
+    name = signal.Signals(signum).name
+    done = f"only {', '.join(map(str, PLACED))} was written before" if PLACED else "no output was written"
+    return f"wsfold: interrupted ({name}); {done}."
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,7 +81,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ..errors import WsfoldError
 
         try:
             result = fn(*args, **kwargs)
@@ -64,16 +88,21 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return result
         except typer.Exit:
             raise
+        except BaseException as exc:
+            if RECEIVED["signum"] is None or isinstance(exc, (SystemExit, GeneratorExit)):
+                return _classify(exc)
+            print(interrupted_line(RECEIVED["signum"]), file=sys.stderr)
+            raise typer.Exit(128 + RECEIVED["signum"]) from None
+
+    def _classify(exc: BaseException) -> Any:
+        try:
+            raise exc
         except WsfoldError as exc:
             print(f"wsfold: error: {' '.join(str(exc).split())}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
-            from ..paths import PLACED
-
             signum = getattr(exc, "signum", signal.SIGINT)
-            name = signal.Signals(signum).name
-            done = f"only {', '.join(map(str, PLACED))} was written before" if PLACED else "no output was written"
-            print(f"wsfold: interrupted ({name}); {done}.", file=sys.stderr)
+            print(interrupted_line(signum), file=sys.stderr)
             raise typer.Exit(128 + signum) from None
         except SystemExit as exc:
             # Only user code exits from inside a command (wsfold's own exits are typer.Exit): the model's or
@@ -103,20 +132,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise _bug(exc) from None
 
     return wrapper
-
-
-# What the machine, not wsfold, refused: a full disk, a read-only or foreign file, a name too long.
-ENVIRONMENT_ERRNOS = {
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EROFS,
-    errno.EACCES,
-    errno.EPERM,
-    errno.ENAMETOOLONG,
-    errno.EIO,
-    errno.EMFILE,
-    errno.ENFILE,
-}
 
 
 def _bug(exc: BaseException) -> typer.Exit:
