@@ -81,7 +81,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-
+        RECEIVED["signum"] = None  # this command's signals only (tests run many commands in one process)
         try:
             result = fn(*args, **kwargs)
             sys.stdout.flush()  # a closed pipe is found here, not in click's exit (which would say exit 1)
