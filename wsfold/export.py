@@ -585,7 +585,10 @@ def checked_save(
         write_external(proto, base_dir, workdir / data_name, location=data_name)
         onnx.save_model(proto, str(final))
     else:
-        write_single(proto, base_dir, final)
+        try:
+            write_single(proto, base_dir, final)
+        except OverflowError as exc:
+            raise ExportError(f"{out.name}: {exc}.", "export with --external-data.") from None
     data = out.with_name(data_name)
     for written in (workdir / data_name, final) if external else (final,):
         os.chmod(written, file_mode())

@@ -168,7 +168,7 @@ def write_single(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
     shell_bytes = shell.SerializeToString()
     total = len(shell_bytes) + len(_field_header(_MODEL_GRAPH, graph_size)) + graph_size
     if total > MAX_SINGLE_FILE:
-        raise ValueError(f"the graph is {total} bytes, more than one protobuf file can hold; use external data")
+        raise OverflowError(f"the graph would be {total} bytes, more than one protobuf file can hold (2 GiB)")
     with open(path, "wb") as out:
         out.write(shell_bytes)
         out.write(_field_header(_MODEL_GRAPH, graph_size))
