@@ -27,13 +27,13 @@ def is_external(tensor: onnx.TensorProto) -> bool:
     return external_data_helper.uses_external_data(tensor)
 
 
-def _location(tensor: onnx.TensorProto, base_dir: Path) -> tuple[Path, int, int | None]:
+def _location(tensor: onnx.TensorProto, base_dir: Path) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor's bytes; the length from its shape when not recorded."""
     info = external_data_helper.ExternalDataInfo(tensor)
     name = Path(info.location)
     if name.is_absolute() or ".." in name.parts:
         raise ValueError(f"tensor {tensor.name!r} points outside its folder: {info.location!r}")
-    length = info.length if info.length else None
-    return base_dir / name, info.offset or 0, length
+    return base_dir / name, info.offset or 0, info.length or _byte_size(tensor)
 
 
 def _byte_size(tensor: onnx.TensorProto) -> int:
@@ -42,8 +42,7 @@ def _byte_size(tensor: onnx.TensorProto) -> int:
 
 
 def external_length(tensor: onnx.TensorProto, base_dir: Path) -> int:
-    path, offset, length = _location(tensor, base_dir)
-    return length if length is not None else _byte_size(tensor)
+    return _location(tensor, base_dir)[2]
 
 
 def read_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
@@ -53,13 +52,11 @@ def read_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
     path, offset, length = _location(tensor, base_dir)
     with open(path, "rb") as f:
         f.seek(offset)
-        data = f.read(length if length is not None else _byte_size(tensor))
-    return data
+        return f.read(length)
 
 
 def _chunks(tensor: onnx.TensorProto, base_dir: Path) -> Iterator[bytes]:
-    path, offset, length = _location(tensor, base_dir)
-    left = length if length is not None else _byte_size(tensor)
+    path, offset, left = _location(tensor, base_dir)
     with open(path, "rb") as f:
         f.seek(offset)
         while left:
