@@ -170,7 +170,12 @@ def bake_model(
         return baking.model, BakeReport(detection, baking.baked)
     flags = {n: m.training for n, m in model.named_modules()}
     detection = Detection([], [], [])
-    for found in iter_layers(model, exact_weights=True, weight_dtype=weight_dtype, progress=progress):
+    # In place, the model is the caller's to change: an exact weight may then reuse the memory of the weight
+    # the layer's own code computed.
+    layers = iter_layers(
+        model, exact_weights=True, weight_dtype=weight_dtype, progress=progress, reuse_observed=inplace
+    )
+    for found in layers:
         add_finding(detection, found.result)
         if isinstance(found.result, DerivedLayer):
             baking.bake(found.result, found.weight)

@@ -358,10 +358,17 @@ class _Prober:
     evaluated in float64, reproduces on every channel what its own code computed; anything else sends it
     through the full probes too. Either way every layer's own output is checked whole."""
 
-    def __init__(self, params: TensorSet, exact_weights: bool, weight_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        params: TensorSet,
+        exact_weights: bool,
+        weight_dtype: torch.dtype | None = None,
+        reuse_observed: bool = False,
+    ) -> None:
         self.params = params
         self.exact_weights = exact_weights
         self.weight_dtype = weight_dtype
+        self.reuse_observed = reuse_observed
         self.learned: dict[tuple, _Learned] = {}
 
     def analyse(self, name: str, module: nn.Module) -> Finding | None:
@@ -408,7 +415,12 @@ class _Prober:
             formula = replace(learned.formula, scale_const=const_value(learned.formula.scale_const_name, scalars, n))
         except KeyError:
             return None
-        rounded = _round(own, raw, formula, learned.raw_name, bias_param, w0, self.exact_weights, self.weight_dtype)
+        # The exact weight may take the place of the observed one, which nothing else holds: a misfit here
+        # sends the module through the full probes, which observe it afresh.
+        reuse = self.reuse_observed and self.exact_weights and _private_result(w0, module, self.params)
+        rounded = _round(
+            own, raw, formula, learned.raw_name, bias_param, w0, self.exact_weights, self.weight_dtype, reuse
+        )
         if rounded is None:
             return None
         found = _finding(name, module, call, w0, None, learned.raw_name, bias_param, formula, rounded)
@@ -488,9 +500,11 @@ def _round(
     observed: torch.Tensor,
     exact_weights: bool,
     weight_dtype: torch.dtype | None = None,
+    into_observed: bool = False,
 ) -> Rounded | None:
     """The formula in float64 over the whole weight, checked element by element against what the layer's own
-    code computed; None when they differ by more than rounding noise."""
+    code computed; None when they differ by more than rounding noise. With ``into_observed`` the exact weight is
+    written over the observed one, which then holds neither whole if None is returned."""
     per_channel = _per_channel(own, raw.shape[0], raw_name, bias_param)
     scale, shift = formula.affine_tensors(per_channel)
     if (formula.scale_tensor and scale is None) or (formula.shift_tensor and shift is None):
@@ -498,15 +512,17 @@ def _round(
     # When baking, a memory-mapped source weight's pages are handed back as soon as they have been read for
     # the last time (the baked layer replaces it).
     done = FilePages(raw).release if exact_weights else None
+    dtype = weight_dtype or observed.dtype
     rounded = standardize_rounded(
         raw,
         formula,
         scale,
         shift,
-        dtype=weight_dtype or observed.dtype,
+        dtype=dtype,
         observed=observed,
         keep=exact_weights,
         done_rows=done,
+        out=observed if into_observed and exact_weights and dtype == observed.dtype else None,
     )
     return rounded if rounded.misfit <= tolerance(observed.dtype) else None
 
@@ -541,8 +557,8 @@ def _finding(name, module, call, w0, pad_spec, raw_name, bias_param, formula, ro
         low = int((rounded.var_b < formula.eps).sum())
         if low:
             layer.warnings.append(f"{low} filter(s) with variance below eps={formula.eps:g}")
-    if rounded is not None and rounded.observed_finite:
-        layer.nonfinite = 0  # known without another pass over the weight
+    if rounded is not None and rounded.observed_nonfinite is not None:
+        layer.nonfinite = rounded.observed_nonfinite  # counted on the way (w0 may hold the rounded weight now)
     else:
         layer.nonfinite = int((~torch.isfinite(w0)).sum()) if w0.is_floating_point() else 0
     if layer.nonfinite:
@@ -557,6 +573,27 @@ def _finding(name, module, call, w0, pad_spec, raw_name, bias_param, formula, ro
     if not raw_name:
         layer.warnings.append("no parameter of the weight's shape: the observed weight is baked as is")
     return Finding(layer, rounded.weight if rounded is not None else None)
+
+
+def _private_result(tensor: torch.Tensor, module: nn.Module, params: TensorSet) -> bool:
+    """Whether ``tensor``, computed by ``module``'s own code, is a plain contiguous tensor filling a storage
+    that no parameter or buffer of the model shares, nor any tensor the module tree keeps in an attribute (a
+    cached weight): one that may be written over once it has been read."""
+    if type(tensor) is not torch.Tensor or not tensor.is_contiguous() or tensor.storage_offset() != 0:
+        return False
+    storage = tensor.untyped_storage()
+    if storage.nbytes() != tensor.numel() * tensor.element_size() or tensor.numel() == 0:
+        return False
+    ptr = storage.data_ptr()
+    if params.holds_storage(ptr):
+        return False
+    for m in module.modules():
+        for value in vars(m).values():
+            held = value.values() if isinstance(value, dict) else value
+            for t in held if isinstance(held, (list, tuple, type({}.values()))) else (value,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr:
+                    return False
+    return True
 
 
 def _param_name(own: dict[str, torch.Tensor], tensor: torch.Tensor | None) -> str | None:
@@ -602,6 +639,7 @@ def iter_layers(
     exact_weights: bool = False,
     weight_dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
+    reuse_observed: bool = False,
 ) -> Iterator[Finding]:
     """Probe every candidate module of ``model`` and yield a Finding for each layer with a derived weight and each
     module that cannot be baked or run. Never changes ``model`` (probing runs it in eval mode, every flag restored).
@@ -609,12 +647,15 @@ def iter_layers(
     With ``exact_weights``, each derived layer comes with its exact weight, so that a caller can bake it before
     the next layer is probed (rounded once to ``weight_dtype``, default the layer's own); a memory-mapped source
     weight's pages are then handed back once read. A module
-    inside one yielded as derived or unsupported is not probed on its own: the parent's math would be split."""
+    inside one yielded as derived or unsupported is not probed on its own: the parent's math would be split.
+    ``reuse_observed`` lets an exact weight be written over the weight the layer's own code computed, when no
+    tensor of the model shares that memory (for a caller that may change the model: it saves a fresh tensor
+    the size of the layer)."""
     require_module(model, "iter_layers")
     params = TensorSet(model)
     # Names, not module objects: a layer baked on the way must not be kept alive by this loop.
     candidates = [n for n, m in model.named_modules() if _is_candidate(m)]
-    prober = _Prober(params, exact_weights, weight_dtype)
+    prober = _Prober(params, exact_weights, weight_dtype, reuse_observed)
     claimed: list[str] = []
     with eval_mode(model):
         for i, name in enumerate(candidates):

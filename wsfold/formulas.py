@@ -163,9 +163,9 @@ class Rounded:
     weight: torch.Tensor | None
     misfit: float | None
     var_b: torch.Tensor
-    # Whether every element of the observed weight is finite (None when none was given): its min and max,
-    # computed for the misfit anyway, are finite exactly when it holds no NaN or inf.
-    observed_finite: bool | None = None
+    # How many elements of the observed weight are NaN or inf (None when none was given); counted only where
+    # a block's min or max, computed for the misfit anyway, is not finite.
+    observed_nonfinite: int | None = None
 
 
 def standardize_rounded(
@@ -179,6 +179,7 @@ def standardize_rounded(
     keep: bool = True,
     chunk_elems: int = 1 << 18,
     done_rows: Callable[[int, int], object] | None = None,
+    out: torch.Tensor | None = None,
 ) -> Rounded:
     """The formula in float64, rounded once to ``dtype``, and (given ``observed``, what the layer's own code
     produced) max |rounded - observed| / max |observed| over every element.
@@ -186,17 +187,28 @@ def standardize_rounded(
     One pass over the weight: a block of output channels at a time (about 2 MB in float64, so each step stays
     in cache) is widened into one reused buffer, centred, scaled in place and rounded into the output; nothing
     the size of the layer exists in float64. ``keep=False`` only measures the misfit. ``done_rows(a, b)`` is
-    told, every few MB, which output channels of ``weight`` have been read for the last time."""
+    told, every few MB, which output channels of ``weight`` have been read for the last time.
+
+    ``out`` (contiguous, of the weight's shape and the output dtype) receives the rounded weight instead of a new
+    tensor, and may be ``observed`` itself: each block is compared before it is overwritten. Writing into memory
+    already in use saves faulting in a fresh tensor the size of the layer."""
     out_dtype = dtype or weight.dtype
     channels = weight.shape[0]
     flat = weight.detach().reshape(channels, -1)
     n = flat.shape[1]
     obs = None if observed is None else observed.detach().reshape(channels, -1)
-    out = fresh_empty(tuple(weight.shape), out_dtype) if keep else None
-    out_flat = None if out is None else out.view(channels, -1)
+    if out is not None:
+        if not keep or out.shape != weight.shape or out.dtype != out_dtype or not out.is_contiguous():
+            raise ValueError("standardize_rounded: out must be a contiguous tensor of the weight's shape and dtype")
+    elif keep:
+        out = fresh_empty(tuple(weight.shape), out_dtype)
+    out_flat = None if out is None else out.detach().view(channels, -1)
+    # Rounded into a block buffer first when there is no output, or when the output is the observed weight.
+    in_place = out is not None and obs is not None and out.data_ptr() == observed.data_ptr()
     rows = max(1, min(channels, chunk_elems // max(n, 1)))
     buf = _scratch("wide", rows * n, torch.float64).view(rows, n)
-    rounded_buf = _scratch("rounded", rows * n, out_dtype).view(rows, n) if out is None and obs is not None else None
+    staged = obs is not None and (out is None or in_place)
+    rounded_buf = _scratch("rounded", rows * n, out_dtype).view(rows, n) if staged else None
     diff = _scratch("diff", rows * n, out_dtype).view(rows, n) if obs is not None else None
     released = 0
     release_every = max(rows, (8 << 20) // max(n * weight.element_size(), 1))
@@ -207,13 +219,15 @@ def standardize_rounded(
     offset = None if shift is None else shift.detach().to(torch.float64).reshape(-1)
     var_parts = []
     worst = top = 0.0
-    observed_finite = None if obs is None else True
+    observed_nonfinite = None if obs is None else 0
     for lo in range(0, channels, rows):
         hi = min(channels, lo + rows)
         b = buf[: hi - lo]
         b.copy_(flat[lo:hi])
         b.sub_(b.sum(dim=1, keepdim=True).div_(n))
-        ss = torch.linalg.vecdot(b, b)
+        # One fused reduction (vecdot multiplies into a temporary first); squaring the norm costs a few ulp of
+        # float64, far below the float32 rounding that follows.
+        ss = torch.linalg.vector_norm(b, dim=1).square_()
         var_b = ss / n
         var_u = ss / (n - 1) if n > 1 else torch.full_like(ss, float("nan"))
         denom = denom_fn(var_b, var_u, n, formula.eps)
@@ -221,7 +235,7 @@ def standardize_rounded(
         if offset is not None:
             b.add_(offset[lo:hi, None])
         var_parts.append(var_b)
-        rounded = out_flat[lo:hi] if out_flat is not None else (None if obs is None else rounded_buf[: hi - lo])
+        rounded = rounded_buf[: hi - lo] if rounded_buf is not None else out_flat[lo:hi] if keep else None
         if rounded is not None:
             rounded.copy_(b)
         if obs is not None:
@@ -230,17 +244,19 @@ def standardize_rounded(
             low_t, high_t = target.aminmax()
             spread = (float(low), float(high), float(low_t), float(high_t))
             if not (math.isfinite(spread[2]) and math.isfinite(spread[3])):
-                observed_finite = False
+                observed_nonfinite += int((~target.isfinite()).sum())
             if not all(math.isfinite(v) for v in spread):
                 spread = _nonfinite_spread(rounded, target)
             worst = max(worst, -spread[0], spread[1])
             top = max(top, -spread[2], spread[3])
+        if in_place:
+            out_flat[lo:hi].copy_(rounded)
         if done_rows is not None and (hi - released >= release_every or hi == channels):
             done_rows(released, hi)
             released = hi
     misfit = None if obs is None else (worst / top if top > 0 else math.inf)
     var_b = torch.cat(var_parts) if var_parts else torch.empty(0, dtype=torch.float64)
-    return Rounded(out, misfit, var_b, observed_finite)
+    return Rounded(out, misfit, var_b, observed_nonfinite)
 
 
 def _nonfinite_spread(rounded: torch.Tensor, target: torch.Tensor) -> tuple[float, float, float, float]:

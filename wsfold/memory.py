@@ -3,8 +3,10 @@ pages for the large tensors baking writes.
 
 A checkpoint loaded with mmap is a private file mapping: each weight's pages count in the resident set once read,
 and stay there after the baked layer replaces the weight, for the mapping lives as long as any tensor of the
-checkpoint does. MADV_PAGEOUT (Linux 5.4+) reclaims such pages now; their content is kept (a clean file page
-is simply read again if touched). Anything else (anonymous memory, other systems, older kernels) is left alone.
+checkpoint does. Where every resident page of a range is still the file's own (nothing wrote a private copy,
+as /proc/self/pagemap tells), MADV_DONTNEED unmaps them: the file stays in the page cache, and a page touched
+again is simply mapped again. Otherwise MADV_PAGEOUT (Linux 5.4+) reclaims them with their content kept.
+Anything else (anonymous memory, other systems, older kernels) is left alone.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import ctypes
 import sys
 
+import numpy as np
 import torch
 
+_MADV_DONTNEED = 4
 _MADV_PAGEOUT = 21
 _MADV_HUGEPAGE = 14
 _PAGE = 4096
@@ -73,7 +77,24 @@ class FilePages:
         lo, hi = -(-start // _PAGE) * _PAGE, stop // _PAGE * _PAGE
         if hi - lo < 16 * _PAGE:
             return False
-        return _madvise()(lo, hi - lo, _MADV_PAGEOUT) == 0
+        advice = _MADV_DONTNEED if _only_file_pages(lo, hi) else _MADV_PAGEOUT
+        return _madvise()(lo, hi - lo, advice) == 0
+
+
+def _only_file_pages(lo: int, hi: int) -> bool:
+    """Whether every resident page in [lo, hi) is a page of the mapped file rather than a private copy made when
+    something wrote to it: pagemap's bit 63 (present) never without bit 61 (file page). False when unknown."""
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as fh:
+            fh.seek(lo // _PAGE * 8)
+            data = fh.read((hi - lo) // _PAGE * 8)
+    except OSError:
+        return False
+    if len(data) != (hi - lo) // _PAGE * 8:
+        return False
+    entries = np.frombuffer(data, dtype=np.uint64)
+    present, file_page = np.uint64(1 << 63), np.uint64(1 << 61)
+    return not bool(np.any((entries & (present | file_page)) == present))
 
 
 def fresh_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

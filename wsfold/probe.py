@@ -200,3 +200,7 @@ class TensorSet:
 
     def __contains__(self, tensor: object) -> bool:
         return self._by_id.get(id(tensor)) is tensor
+
+    def holds_storage(self, data_ptr: int) -> bool:
+        """Whether a tensor of the set that is still alive has its storage at ``data_ptr``."""
+        return any(t.untyped_storage().data_ptr() == data_ptr for t in list(self._by_id.values()))
