@@ -103,3 +103,40 @@ def test_dynamic_hw_from_a_pt2_with_fixed_sizes_is_refused(tmp_path):
     out = tmp_path / "bit.onnx"
     res = run("export", pt2, "--onnx", out, "--input-shape", "1,3,32,32", "--allow-pickle", "--dynamic-hw")
     assert res.exit_code == 2 and "fixed spatial sizes" in res.stderr and not out.exists()
+
+
+def test_written_back_keeps_what_the_block_writes_and_stops_its_thread(tmp_path):
+    """The writeback thread starts disk writes of a file while it is written (it may not exist yet when the
+    block starts); the file ends up exactly as written and the thread is gone after the block."""
+    import threading
+    import time
+
+    from wsfold.paths import written_back
+
+    path = tmp_path / "out.bin"
+    chunks = [bytes([i]) * (1 << 20) for i in range(8)]
+    with written_back(path, every=0.005):
+        time.sleep(0.02)
+        with open(path, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                fh.flush()
+                time.sleep(0.01)
+    assert path.read_bytes() == b"".join(chunks)
+    assert not any(t.name == "wsfold-writeback" for t in threading.enumerate())
+
+
+def test_the_command_line_asks_torch_for_huge_pages_unless_told_otherwise(tmp_path):
+    """Set before torch is imported, never over a value the environment already has."""
+    from pathlib import Path
+
+    probe = "import os, wsfold.cli as c; c._huge_pages_for_torch(); print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    fresh = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    offered = mode.exists() and "[never]" not in mode.read_text()
+    assert fresh.stdout.strip() == ("1" if offered else "None")
+    told = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env={**env, "THP_MEM_ALLOC_ENABLE": "0"}
+    )
+    assert told.stdout.strip() == "0"

@@ -4,11 +4,14 @@ a temporary name beside it, then moved into place without ever replacing a file 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -168,7 +171,8 @@ def atomic_path(out: Path, *, force: bool = False) -> Iterator[Path]:
             fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=out.parent)
             os.close(fd)
             tmp_path = Path(tmp)
-        yield tmp_path
+        with written_back(tmp_path):
+            yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, file_mode())
@@ -178,6 +182,55 @@ def atomic_path(out: Path, *, force: bool = False) -> Iterator[Path]:
         if tmp_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 tmp_path.unlink()
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return fn
+
+
+@contextlib.contextmanager
+def written_back(path: Path, every: float = 0.2) -> Iterator[None]:
+    """While the block writes ``path``, start the disk writes of what it holds so far every ``every`` seconds
+    (Linux sync_file_range, from a thread of its own), so that an fsync after the block waits for the last part
+    only: on the project's machine an fsync of a 1.5 GB file just written took 1 s, about what writing it did."""
+    start = _sync_file_range()
+    if start is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def run() -> None:
+        fd = None
+        try:
+            while not stop.wait(every):
+                if fd is None:
+                    try:
+                        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    except OSError:
+                        continue
+                start(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    thread = threading.Thread(target=run, name="wsfold-writeback", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextlib.contextmanager
