@@ -6,7 +6,8 @@ Builds ResNetV2 GN+WS networks in-process (R50x1; R50x4, a wide network whose fl
 R101x3, a deep one of the same size with about twice the layers, as timm's resnetv2_101x3_bit), writes their
 state-dict checkpoints, and measures, each step in its own process so that peak RSS is that step's alone:
 bake seconds against torch.load + torch.save of the same checkpoint (the I/O floor; medians of --repeat
-alternating runs), peak RSS (the worst run) against the
+alternating runs, each started with the checkpoint in the page cache and no writes pending, so that no run pays
+for the one before it), peak RSS (the worst run) against the
 checkpoint size, eager latency at batch 1 of the baked model against the original and against the same
 architecture built with plain convs, and the export figures of benchmarks/export_bench.py.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +44,15 @@ hwm = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.star
 print("MEASURE", time.perf_counter() - t, hwm, code, file=sys.stderr)
 sys.exit(code)
 """
+
+
+def settle(checkpoint: Path) -> None:
+    """The same start for every run: the checkpoint read into the page cache, and every earlier write on disk
+    (the last run's 1.5 GB output would otherwise be written back during this one)."""
+    with open(checkpoint, "rb", buffering=0) as fh:
+        while fh.read(16 << 20):
+            pass
+    os.sync()
 
 
 def measured(*argv: str) -> dict:
@@ -164,9 +175,11 @@ def main() -> None:
         # compare medians of the times, and keep the worst peak RSS.
         floors, bakes = [], []
         for _ in range(args.repeat):
+            settle(ckpt)
             floors.append(measured(str(loadsave), str(ckpt), str(args.out / f"{name}.copy.pt")))
             (args.out / f"{name}.copy.pt").unlink()
             baked_path.unlink(missing_ok=True)
+            settle(ckpt)
             bakes.append(measured(*bake_argv))
         floor, bake = summary(floors), summary(bakes)
         lat = latency(name, ckpt, baked_path, runs=60 if name == "resnetv2_50x1" else 15)
