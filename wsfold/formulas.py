@@ -27,6 +27,7 @@ _DENOMINATORS = {
     "V9": ("1 / sqrt(var_b + eps) (multiplies)", lambda vb, vu, n, eps: 1.0 / torch.sqrt(vb + eps)),
 }
 VARIANT_ORDER = tuple(_DENOMINATORS)
+_UNBIASED = ("V2", "V4")  # the denominators that take the unbiased variance
 STANDARD_EPS = (1e-5, 1e-8, 1e-6, 1e-10, 1e-4, 1e-3, 1e-7, 1e-12, 1e-9, 1e-2, 0.0)
 
 
@@ -211,8 +212,9 @@ def standardize_rounded(
     rounded_buf = _scratch("rounded", rows * n, out_dtype).view(rows, n) if staged else None
     diff = _scratch("diff", rows * n, out_dtype).view(rows, n) if obs is not None else None
     released = 0
-    release_every = max(rows, (8 << 20) // max(n * weight.element_size(), 1))
+    release_every = max(rows, (32 << 20) // max(n * weight.element_size(), 1))
     denom_fn = _DENOMINATORS[formula.variant][1]
+    unbiased = formula.variant in _UNBIASED
     factor = torch.full((channels,), formula.scale_const, dtype=torch.float64)
     if scale is not None:
         factor = factor * scale.detach().to(torch.float64).reshape(-1)
@@ -222,27 +224,30 @@ def standardize_rounded(
     observed_nonfinite = None if obs is None else 0
     for lo in range(0, channels, rows):
         hi = min(channels, lo + rows)
-        b = buf[: hi - lo]
+        whole = hi - lo == rows  # every block but the last: the work buffers as they are, not sliced
+        b = buf if whole else buf[: hi - lo]
         b.copy_(flat[lo:hi])
         b.sub_(b.sum(dim=1, keepdim=True).div_(n))
         # One fused reduction (vecdot multiplies into a temporary first); squaring the norm costs a few ulp of
         # float64, far below the float32 rounding that follows.
         ss = torch.linalg.vector_norm(b, dim=1).square_()
         var_b = ss / n
-        var_u = ss / (n - 1) if n > 1 else torch.full_like(ss, float("nan"))
+        var_u = None if not unbiased else ss / (n - 1) if n > 1 else torch.full_like(ss, float("nan"))
         denom = denom_fn(var_b, var_u, n, formula.eps)
         b.mul_((factor[lo:hi] / denom)[:, None])
         if offset is not None:
             b.add_(offset[lo:hi, None])
         var_parts.append(var_b)
-        rounded = rounded_buf[: hi - lo] if rounded_buf is not None else out_flat[lo:hi] if keep else None
+        if rounded_buf is not None:
+            rounded = rounded_buf if whole else rounded_buf[: hi - lo]
+        else:
+            rounded = out_flat[lo:hi] if keep else None
         if rounded is not None:
             rounded.copy_(b)
         if obs is not None:
             target = obs[lo:hi]
-            low, high = torch.sub(rounded, target, out=diff[: hi - lo]).aminmax()
-            low_t, high_t = target.aminmax()
-            spread = (float(low), float(high), float(low_t), float(high_t))
+            low, high = torch.sub(rounded, target, out=diff if whole else diff[: hi - lo]).aminmax()
+            spread = tuple(torch.stack((low, high, *target.aminmax())).tolist())
             if not (math.isfinite(spread[2]) and math.isfinite(spread[3])):
                 observed_nonfinite += int((~target.isfinite()).sum())
             if not all(math.isfinite(v) for v in spread):
