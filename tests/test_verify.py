@@ -243,3 +243,35 @@ def test_verify_widens_a_whole_copy_when_the_model_reads_another_modules_weight(
     result = wsfold.verify_onnx(prepared, out, input_shapes=[(1, 3, 8, 8)])
     assert result.passed, result
     assert all(t.dtype == torch.float32 for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_a_graph_read_without_its_weights_has_every_initializer_onnx_reads(exported, tmp_path, external):
+    """The per-layer check reads a graph's structure only; each weight, embedded or external, is read when it is
+    compared and equals what onnx.load gives. Small embedded tensors stay in the proto."""
+    from wsfold.onnx_store import is_external, load_without_weights, to_array
+
+    path = exported["bit_tiny"]
+    if external:
+        model = onnx.load(str(path))
+        path = tmp_path / "ext.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=256)
+    full = onnx.load(str(path))
+    light = load_without_weights(path)
+    assert light.ByteSize() < full.ByteSize()
+    assert light.graph.node == full.graph.node and light.metadata_props == full.metadata_props
+    assert [t.name for t in light.graph.initializer] == [t.name for t in full.graph.initializer]
+    for a, b in zip(light.graph.initializer, full.graph.initializer):
+        assert np.array_equal(to_array(a, path.parent), numpy_helper.to_array(b)), a.name
+        if not external:
+            assert is_external(a) == (len(b.raw_data) >= 1024)
+
+
+def test_a_damaged_graph_is_refused_by_the_light_reader_with_a_value_error(exported, tmp_path):
+    from wsfold.onnx_store import load_without_weights
+
+    data = exported["bit_tiny"].read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError):
+        load_without_weights(cut)

@@ -19,6 +19,7 @@ from onnx import external_data_helper, numpy_helper
 
 # Protobuf field numbers (onnx.proto): ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
 _LENGTH_DELIMITED = 2
 _CHUNK = 16 << 20
 
@@ -87,11 +88,21 @@ def _plain(tensor: onnx.TensorProto) -> onnx.TensorProto:
     return copy
 
 
+# Initializers of MAPPED_FROM bytes or more start at a multiple of MAPPED_ALIGNMENT in the data file (see below).
+MAPPED_FROM = 1 << 20
+MAPPED_ALIGNMENT = 1 << 16
+
+
 def write_external(
     model: onnx.ModelProto, base_dir: Path, data_path: Path, *, location: str, threshold: int = 1024
 ) -> None:
     """Write every initializer of ``threshold`` bytes or more into ``data_path`` (one after the other, 64-byte
-    aligned), copied from wherever it is now, and point ``model`` at it by ``location``."""
+    aligned; from 1 MiB, at a multiple of 64 KiB), copied from wherever it is now, and point ``model`` at it by
+    ``location``.
+
+    onnxruntime maps an external initializer that starts on a page (4 KiB; 64 KiB on Windows) straight from the
+    file instead of reading it into memory of its own: a session then holds file pages it can drop, not a
+    private copy of the weights."""
     with open(data_path, "wb") as out:
         for tensor in model.graph.initializer:
             external = is_external(tensor)
@@ -103,8 +114,9 @@ def write_external(
                     tensor.raw_data = raw
                 continue
             offset = out.seek(0, io.SEEK_END)
-            if offset % 64:
-                out.write(b"\0" * (64 - offset % 64))
+            align = MAPPED_ALIGNMENT if size >= MAPPED_FROM else 64
+            if offset % align:
+                out.write(b"\0" * (align - offset % align))
                 offset = out.tell()
             if external:
                 for chunk in _chunks(tensor, base_dir):
@@ -180,3 +192,89 @@ def write_single(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
         written = out.tell()
     if written != total:
         raise AssertionError(f"wrote {written} bytes of a {total}-byte graph")
+
+
+def load_without_weights(path: Path) -> onnx.ModelProto:
+    """The model at ``path`` with every initializer's data left on disk: an external one as it is, an embedded
+    one (raw_data) turned into an external reference to its own bytes in ``path``. Only the graph's structure is
+    read (onnx.load reads the file whole and holds the weights twice while parsing them)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, io.SEEK_END)
+        f.seek(0)
+        model = _copy_fields(f, size, {_MODEL_GRAPH: lambda end: _stripped(f, end, _graph_field, path.name)})
+    return onnx.ModelProto.FromString(model)
+
+
+def _graph_field(f, end: int, location: str) -> dict:
+    return {_GRAPH_INITIALIZER: lambda stop: _stripped(f, stop, _tensor_field, location)}
+
+
+def _tensor_field(f, end: int, location: str) -> dict:
+    return {_TENSOR_RAW_DATA: lambda stop: _reference(f, stop, location)}
+
+
+def _stripped(f, end: int, fields, location: str) -> bytes:
+    """The message from here to ``end``, with the fields that ``fields`` names rewritten by their handlers."""
+    return _copy_fields(f, end, fields(f, end, location))
+
+
+def _reference(f, end: int, location: str) -> bytes | None:
+    """In place of a tensor's raw_data: external data entries pointing at those bytes in the file itself (None,
+    to keep them as they are, below 1 KiB)."""
+    offset, length = f.tell(), end - f.tell()
+    if length < 1024:
+        return None
+    f.seek(end)
+    entries = b""
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = _key(1) + _varint(len(key.encode())) + key.encode() + _key(2) + _varint(len(value)) + value.encode()
+        entries += _key(_TENSOR_EXTERNAL_DATA) + _varint(len(entry)) + entry
+    return entries + _varint(_TENSOR_DATA_LOCATION << 3) + _varint(onnx.TensorProto.EXTERNAL)
+
+
+def _copy_fields(f, end: int, handlers: dict) -> bytes:
+    """The fields of a message from the file's position to ``end``, re-encoded as they are except that a
+    length-delimited field with a handler becomes what the handler returns: another message's bytes (wrapped
+    again in the field), or for raw_data the bytes that replace the whole field; None leaves the field as it is."""
+    out = bytearray()
+    while f.tell() < end:
+        start = f.tell()
+        key = _read_varint(f)
+        field, wire = key >> 3, key & 7
+        if wire == _LENGTH_DELIMITED:
+            length = _read_varint(f)
+            stop = f.tell() + length
+            if stop > end:
+                raise ValueError("a field runs past the end of its message")
+            inner = handlers[field](stop) if field in handlers else None
+            if inner is not None:
+                f.seek(stop)
+                out += inner if field == _TENSOR_RAW_DATA else _key(field) + _varint(len(inner)) + inner
+                continue
+            f.seek(stop)
+        elif wire == 0:
+            _read_varint(f)
+        elif wire in (1, 5):
+            f.seek(8 if wire == 1 else 4, io.SEEK_CUR)
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        stop = f.tell()
+        if stop > end:
+            raise ValueError("a field runs past the end of its message")
+        f.seek(start)
+        out += f.read(stop - start)
+    return bytes(out)
+
+
+def _read_varint(f) -> int:
+    value = shift = 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            raise ValueError("the file ends inside a field")
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("a malformed varint")

@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import VerifyInputError, first_line
 from .inputs import ValueRange, per_input, random_array
+from .memory import release_file_pages, trim_heap
 from .modeltree import eval_mode, model_dtype, require_module, set_eval, set_submodule, structural_copy, widened_on_call
 from .probe import own_tensors, probe_shapes, run_probe
 
@@ -511,11 +512,29 @@ class _References:
         return _evaluate(self.model64, args)
 
 
-def _run_checks(session, refs: _References, feeds, rule, unit, onnx_names) -> list[OutputCheck]:
-    checks: list[OutputCheck] = []
+def _run_graph(session, feeds) -> list[list[np.ndarray]]:
+    """The graph's outputs for every feed."""
+    outputs = []
     for feed in feeds:
         _check_feed(session, feed)
-        arrays = [feed[i.name] for i in session.get_inputs()]
+        try:
+            outputs.append(session.run(None, feed))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+            raise VerifyInputError(
+                f"onnxruntime cannot run the graph on these inputs ({first_line(exc)}).",
+                "fix --input-shape or --inputs to fit the graph (it may be another model's).",
+            ) from None
+    return outputs
+
+
+def _run_checks(
+    graph_outputs: list[list[np.ndarray]], refs: _References, feeds, input_names, rule, unit, onnx_names
+) -> list[OutputCheck]:
+    """The graph's outputs (computed before, without the checkpoint's model running) against the checkpoint's,
+    feed by feed."""
+    checks: list[OutputCheck] = []
+    for feed, outs in zip(feeds, graph_outputs):
+        arrays = [feed[name] for name in input_names]
         ref_names, ref = _evaluate(refs.model, _as_args(arrays, model_dtype(refs.model)))
         if not checks:
             _, again = _evaluate(refs.model, _as_args(arrays, model_dtype(refs.model)))
@@ -529,13 +548,6 @@ def _run_checks(session, refs: _References, feeds, rule, unit, onnx_names) -> li
         ref_g = None
         if refs.at_graph_dtype is not None:
             _, ref_g = _evaluate(refs.at_graph_dtype, _as_args(arrays, refs.graph_dtype))
-        try:
-            outs = session.run(None, feed)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
-            raise VerifyInputError(
-                f"onnxruntime cannot run the graph on these inputs ({first_line(exc)}).",
-                "fix --input-shape or --inputs to fit the graph (it may be another model's).",
-            ) from None
         if not checks:
             n = max(len(outs), len(ref))
             checks = [
@@ -625,6 +637,7 @@ def verify_onnx(
     if progress:
         progress("float64 reference")
     model64, _ = float64_reference(model, detection)
+    release_file_pages(original)  # read by detection and the reference: the session gets the memory
     session = ort_session(onnx_path, ort_opt_level)
     notes: list[str] = []
     if inputs_file:
@@ -651,9 +664,16 @@ def verify_onnx(
             f"(ORT optimizations: {ort_opt_level})"
         )
     onnx_names = [o.name for o in session.get_outputs()]
+    input_names = [i.name for i in session.get_inputs()]
     if progress:
         progress(f"run {len(feeds)} input batch(es)")
-    checks = _run_checks(session, refs, feeds, rule, unit, onnx_names)
+    # The graph runs first, on its own: its session (weights, packed weights) is gone before the checkpoint's
+    # model runs, and the model's file-backed weights are not resident while the graph runs (see below).
+    release_file_pages(original)
+    graph_outputs = _run_graph(session, feeds)
+    del session
+    trim_heap()
+    checks = _run_checks(graph_outputs, refs, feeds, input_names, rule, unit, onnx_names)
     result = VerificationResult(criterion, samples if not inputs_file else 1, checks, ort_opt_level=ort_opt_level)
     result.input_shapes = [list(v.shape) for v in feeds[0].values()]
     result.reference, more = _reference(prepared, meta, model)
@@ -664,12 +684,17 @@ def verify_onnx(
     if not all(c.passed for c in checks) and ort_opt_level != "disable":
         if progress:
             progress("re-run with onnxruntime optimizations disabled")
-        plain = _run_checks(ort_session(onnx_path, "disable"), refs, feeds, rule, unit, onnx_names)
-        cause_is_optimizer = all(c.passed for c in plain)
+        del graph_outputs
+        release_file_pages(original)
+        plain = _run_graph(ort_session(onnx_path, "disable"), feeds)
+        trim_heap()
+        cause_is_optimizer = all(c.passed for c in _run_checks(plain, refs, feeds, input_names, rule, unit, onnx_names))
         del plain
-    sample = _as_args([feeds[0][i.name] for i in session.get_inputs()], model_dtype(original))
-    # The per-layer check needs neither the session nor the reference models: hand their memory back first.
-    del session, refs, model64
+    sample = _as_args([feeds[0][name] for name in input_names], model_dtype(original))
+    # The per-layer check needs neither the graph's outputs nor the reference models: hand their memory back.
+    graph_outputs = None
+    del refs, model64
+    trim_heap()
     if per_layer:
         if progress:
             progress("compare initializers per layer")
@@ -799,30 +824,30 @@ def compare_layers(
     that does not say is compared with both and judged by the closer. With a ``sample`` input, layers the model
     never calls on it (a spare head, a module the library builds and does not use) are not compared: the
     exporter drops them. A graph exported with ``--dtype`` (``wsfold_dtype``) is held to that precision."""
-    import onnx
+    from google.protobuf.message import DecodeError
 
-    from .onnx_store import to_array
+    from .onnx_store import load_without_weights
 
-    # External data is read here as onnxruntime reads it (a link to a data file is followed).
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    # Weights are read one at a time, when compared (see _Initializers), not with the graph.
+    try:
+        proto = load_without_weights(onnx_path)
+    except (OSError, ValueError, DecodeError) as exc:
+        raise VerifyInputError(
+            f"{onnx_path} cannot be read for the per-layer check ({first_line(exc)}).",
+            "re-export it with `wsfold export`, or pass --no-per-layer.",
+        ) from None
     meta = {p.key: p.value for p in proto.metadata_props}
     fold_state = meta.get("wsfold_fold")
     cast = getattr(torch, meta.get("wsfold_dtype", ""), None)
     cast = cast if isinstance(cast, torch.dtype) else None
-    try:
-        inits = {i.name: to_array(i, onnx_path.parent) for i in proto.graph.initializer}
-    except (OSError, ValueError) as exc:
-        raise VerifyInputError(
-            f"the weights of {onnx_path} cannot be read for the per-layer check ({first_line(exc)}).",
-            "re-export it with `wsfold export`, or pass --no-per-layer.",
-        ) from None
+    inits = _Initializers(proto, onnx_path)
     roles: dict[int, dict[tuple, list[str]]] = {1: {}, 2: {}}
     for node in proto.graph.node:
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
             for idx in (1, 2):
                 if len(node.input) > idx and node.input[idx] in inits:
                     name = node.input[idx]
-                    roles[idx].setdefault(tuple(inits[name].shape), []).append(name)
+                    roles[idx].setdefault(inits.shape(name), []).append(name)
     del proto
     best: list[LayerCheck] | None = None
     for baked in _baked_candidates(model, detection, fold_state, prepared):
@@ -831,6 +856,33 @@ def compare_layers(
         if best is None or sum(c.passed for c in checks) > sum(c.passed for c in best):
             best = checks
     return best or []
+
+
+class _Initializers:
+    """The graph's initializers by name, each read when it is looked at and not kept: external data stays on
+    disk until then (read as onnxruntime reads it: a data file that is a link is followed)."""
+
+    def __init__(self, proto, onnx_path: Path) -> None:
+        self.base_dir = onnx_path.parent
+        self.onnx_path = onnx_path
+        self.tensors = {t.name: t for t in proto.graph.initializer}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].dims)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from .onnx_store import to_array
+
+        try:
+            return to_array(self.tensors[name], self.base_dir)
+        except (OSError, ValueError) as exc:
+            raise VerifyInputError(
+                f"the weights of {self.onnx_path} cannot be read for the per-layer check ({first_line(exc)}).",
+                "re-export it with `wsfold export`, or pass --no-per-layer.",
+            ) from None
 
 
 def _exporter_fusions(model: nn.Module) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -891,7 +943,7 @@ def _layer_checks(
             # The initializer may be rounded to a coarser dtype than the baked tensor (export --dtype), or be
             # finer than it (a float16 checkpoint exported as float32): either way 2 ulp of the coarser.
             coarse = max((tensor.dtype, cast or tensor.dtype), key=lambda d: torch.finfo(d).eps)
-            if key in inits and inits[key].shape == expected.shape:
+            if key in inits and inits.shape(key) == expected.shape:
                 candidates = [key]
             else:
                 candidates = roles[idx].get(tuple(expected.shape), [])
@@ -920,9 +972,13 @@ def _closest(
 ) -> LayerCheck:
     """The initializer among ``candidates`` closest to ``expected``, judged to 2 ulp of its dtype or of
     ``coarse``, whichever is coarser."""
-    err, init_name = min((float(np.abs(inits[c].astype(np.float64) - expected).max()), c) for c in candidates)
+    found = []
+    for c in candidates:
+        value = inits[c]
+        found.append((float(np.abs(value.astype(np.float64) - expected).max()), c, value.dtype))
+        del value
+    err, init_name, dtype = min(found, key=lambda f: f[:2])
     scale = float(np.abs(expected).max()) or 1.0
-    dtype = inits[init_name].dtype
     eps = max(float(np.finfo(dtype).eps), torch.finfo(coarse).eps) if dtype.kind == "f" else 0.0
     tol = 2 * eps
     return LayerCheck(owner, key, init_name, err, err / scale, bool(err <= tol * scale))
