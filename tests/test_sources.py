@@ -201,3 +201,43 @@ def test_a_directory_naming_a_transformers_callable_that_is_not_a_model_class_is
     res = run("inspect", folder)
     assert res.exit_code == 2, res.stderr
     assert "not a transformers model class" in res.stderr or "does not have" in res.stderr
+
+
+def test_a_safetensors_checkpoint_is_mapped_not_read_and_each_tensor_has_its_own_storage(tmp_path):
+    """Tensors view a private mapping of the file: equal to what safetensors reads, each on a storage of its own
+    bytes (saving one does not write the whole file), and a write to one does not reach the file."""
+    from safetensors import safe_open
+
+    from wsfold.load import read_checkpoint
+    from wsfold.memory import _file_mapping_of
+
+    torch.manual_seed(0)
+    sd = {"a": torch.randn(64, 32, 3, 3), "b": torch.arange(10, dtype=torch.int64), "c": torch.randn(7).half()}
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    before = path.read_bytes()
+    tensors, _ = read_checkpoint(path)
+    with safe_open(str(path), framework="pt") as fh:
+        for key in sd:
+            assert torch.equal(tensors[key], fh.get_tensor(key)) and tensors[key].dtype == sd[key].dtype
+    for t in tensors.values():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    assert _file_mapping_of(tensors["a"].data_ptr()) is not None
+    tensors["a"][0, 0, 0, 0] = 123.0
+    assert path.read_bytes() == before
+
+
+def test_a_safetensors_file_whose_tensors_are_not_aligned_is_read_as_copies(tmp_path):
+    from wsfold.load import _mapped_safetensors, read_checkpoint
+
+    # Written by hand: safetensors' own writer puts wider dtypes first, so its files are aligned.
+    b = torch.randn(5)
+    header = {"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}}
+    header["b"] = {"dtype": "F32", "shape": [5], "data_offsets": [3, 23]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + bytes([1, 1, 1]) + b.numpy().tobytes())
+    assert _mapped_safetensors(path, ["a", "b"]) is None  # b starts 3 bytes into the data: no float view there
+    tensors, _ = read_checkpoint(path)
+    assert torch.equal(tensors["a"], torch.ones(3, dtype=torch.uint8)) and torch.equal(tensors["b"], b)

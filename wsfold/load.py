@@ -7,7 +7,9 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import pickle
+import struct
 import sys
 import warnings
 import zipfile
@@ -142,17 +144,70 @@ def _torch_load_quietly(path: Path, *, weights_only: bool, mmap: bool) -> Any:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """The file's tensors and metadata. safetensors checks the file; the tensors then view a private mapping of
+    it (like torch.load's mmap: nothing is read until used, and a baked layer's source pages can be handed back),
+    or, where the layout does not allow a view, are copies read by safetensors."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata()
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            keys = list(fh.keys())
+            tensors = _mapped_safetensors(path, keys)
+            if tensors is None:
+                tensors = {k: fh.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, ValueError) as exc:
         raise SourceError(
             f"{path} is not a valid safetensors file ({first_line(exc)}).", "fetch the checkpoint again."
         ) from None
     return tensors, metadata
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _mapped_safetensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor] | None:
+    """Each tensor of a (valid) safetensors file as a view of one private mapping of it, each on a storage of its
+    own bytes (so that saving one tensor does not write the whole file); None when any tensor cannot be viewed in
+    place (a dtype outside this table, an offset not aligned to its element size, a big-endian machine)."""
+    if sys.byteorder != "little":
+        return None
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    base = 8 + length
+    layout = {}
+    for key in keys:
+        entry = header.get(key)
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        if dtype is None:
+            return None
+        begin, end = (base + offset for offset in entry["data_offsets"])
+        shape = [int(d) for d in entry["shape"]]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if begin % itemsize or end - begin != math.prod(shape) * itemsize or end > size:
+            return None
+        layout[key] = (dtype, shape, begin, end)
+    try:
+        whole = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    except (RuntimeError, OSError):
+        return None  # a file system that cannot map it: safetensors reads it
+    return {
+        key: torch.empty(0, dtype=dtype).set_(whole[begin:end], 0, shape)
+        for key, (dtype, shape, begin, end) in layout.items()
+    }
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -11,6 +11,7 @@ Anything else (anonymous memory, other systems, older kernels) is left alone.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import sys
 
@@ -36,26 +37,33 @@ def _madvise():
     return _libc.madvise if _libc else None
 
 
-def _file_mapping_of(address: int) -> tuple[int, int] | None:
-    """The (start, end) of the file-backed mapping holding ``address``, from /proc/self/maps."""
+def _file_mappings() -> list[tuple[int, int]]:
+    """The (start, end) of every mapping of a file that still exists, from /proc/self/maps, in address order."""
+    found = []
     try:
         with open("/proc/self/maps") as fh:
             for line in fh:
                 fields = line.split(maxsplit=5)
-                start, _, end = fields[0].partition("-")
-                lo, hi = int(start, 16), int(end, 16)
-                if lo <= address < hi:
-                    path = fields[5].strip() if len(fields) > 5 else ""
-                    return (lo, hi) if path.startswith("/") and not path.endswith("(deleted)") else None
+                path = fields[5].strip() if len(fields) > 5 else ""
+                if path.startswith("/") and not path.endswith("(deleted)"):
+                    start, _, end = fields[0].partition("-")
+                    found.append((int(start, 16), int(end, 16)))
     except OSError:
-        return None
-    return None
+        return []
+    return found
+
+
+def _file_mapping_of(address: int, mappings: list[tuple[int, int]] | None = None) -> tuple[int, int] | None:
+    """The (start, end) of the file-backed mapping holding ``address``."""
+    mappings = _file_mappings() if mappings is None else mappings
+    i = bisect.bisect_right(mappings, (address, float("inf"))) - 1
+    return mappings[i] if i >= 0 and mappings[i][0] <= address < mappings[i][1] else None
 
 
 class FilePages:
     """The whole pages of ``tensor``'s bytes, when they lie in a file mapping, to reclaim in parts or at once."""
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    def __init__(self, tensor: torch.Tensor, mappings: list[tuple[int, int]] | None = None) -> None:
         self.begin = self.end = 0
         self.row_bytes = 0
         ok = sys.platform.startswith("linux") and tensor.device.type == "cpu" and tensor.is_contiguous()
@@ -63,7 +71,7 @@ class FilePages:
             return
         begin = tensor.data_ptr()
         end = begin + tensor.numel() * tensor.element_size()
-        mapping = _file_mapping_of(begin)
+        mapping = _file_mapping_of(begin, mappings)
         if mapping is not None and mapping[0] <= begin and end <= mapping[1]:
             self.begin, self.end = begin, end
             self.row_bytes = (end - begin) // max(tensor.shape[0], 1) if tensor.ndim else end - begin
@@ -95,6 +103,33 @@ def _only_file_pages(lo: int, hi: int) -> bool:
     entries = np.frombuffer(data, dtype=np.uint64)
     present, file_page = np.uint64(1 << 63), np.uint64(1 << 61)
     return not bool(np.any((entries & (present | file_page)) == present))
+
+
+def release_file_pages(model: torch.nn.Module) -> None:
+    """Hand back the resident pages of every tensor of ``model`` that lies in a file mapping (a checkpoint loaded
+    with mmap): their content is kept, and they are mapped again from the file when next read. Until then the
+    memory is free for other work (verify's onnxruntime session)."""
+    mappings = _file_mappings() if sys.platform.startswith("linux") else []
+    if not mappings:
+        return
+    seen = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            FilePages(t.detach(), mappings).release()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim): what a library freed in many
+    pieces, such as an onnxruntime session's buffers, otherwise stays resident for the rest of the process."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc
+    trim.argtypes = (ctypes.c_size_t,)
+    trim(0)
 
 
 def fresh_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
