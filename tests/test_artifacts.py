@@ -106,8 +106,8 @@ def test_dynamic_hw_from_a_pt2_with_fixed_sizes_is_refused(tmp_path):
 
 
 def test_written_back_keeps_what_the_block_writes_and_stops_its_thread(tmp_path):
-    """The writeback thread starts disk writes of a file while it is written (it may not exist yet when the
-    block starts); the file ends up exactly as written and the thread is gone after the block."""
+    """The writeback thread starts disk writes of the files of a folder while they are written (they need not
+    exist when the block starts); they end up exactly as written and the thread is gone after the block."""
     import threading
     import time
 
@@ -115,13 +115,15 @@ def test_written_back_keeps_what_the_block_writes_and_stops_its_thread(tmp_path)
 
     path = tmp_path / "out.bin"
     chunks = [bytes([i]) * (1 << 20) for i in range(8)]
-    with written_back(path, every=0.005):
+    with written_back(tmp_path, every=0.005):
         time.sleep(0.02)
-        with open(path, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-                fh.flush()
-                time.sleep(0.01)
+        for name in ("first.tmp", "second.tmp"):  # the second replaces the first by a rename, as writers do
+            with open(tmp_path / name, "wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                    fh.flush()
+                    time.sleep(0.005)
+            (tmp_path / name).replace(path)
     assert path.read_bytes() == b"".join(chunks)
     assert not any(t.name == "wsfold-writeback" for t in threading.enumerate())
 

@@ -1317,3 +1317,38 @@ def test_verify_follows_a_data_file_that_is_a_link(tmp_path):
     (tmp_path / "m.onnx.data").symlink_to("real.data")
     res = run("verify", src, "--arch", spec, "--onnx", out, "-q")
     assert res.exit_code == 0, res.stderr
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".pt2"])
+def test_a_full_disk_is_the_systems_refusal_exit_2_with_nothing_left(tmp_path, monkeypatch, suffix):
+    """Too little space for the baked model is said before writing (torch's .pt2 writer would abort the process
+    on a full disk); a writer failing on a disk that filled meanwhile is the system's refusal, not a bug."""
+    import shutil
+    from collections import namedtuple
+
+    from conftest import arch_spec, ckpt
+
+    import wsfold.save
+
+    usage = namedtuple("usage", "total used free")
+    out = tmp_path / f"out{suffix}"
+    args = ["bake", str(ckpt("bit_tiny")), "--arch", arch_spec("bit_tiny"), "-o", str(out), "-q", "--allow-pickle"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1000))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "MB free" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    # Enough space when checked, none when written: the writer's own error type becomes ENOSPC.
+    calls = iter([usage(1 << 30, 0, 1 << 30), usage(1 << 30, 1 << 30, 0)])
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: next(calls))
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 0")
+
+    monkeypatch.setattr(wsfold.save, "_write_pickle", failing)
+    monkeypatch.setattr(wsfold.save, "_write_safetensors", failing)
+    monkeypatch.setattr(wsfold.save.torch.export, "save", failing)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.stderr
+    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

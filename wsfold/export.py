@@ -596,7 +596,7 @@ def checked_save(
         if not force and (out.exists() or out.is_symlink()):
             raise OutputError(
                 f"{out} already exists (it was written while wsfold was working).",
-                "pass --force to replace it, or choose another path.",
+                "pass --force (force=True in Python) to replace it, or choose another path.",
             )
         if external:
             place(workdir / data_name, data, force=force)

@@ -76,6 +76,11 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dic
         raise SourceError(f"{path}: no such file.", "check the path to SOURCE.")
     if path.is_dir():
         raise SourceError(f"{path} is a directory, not a checkpoint file.", "pass the checkpoint file itself.")
+    if not path.is_file():
+        raise SourceError(
+            f"{path} is not a regular file (a pipe or a device?); wsfold reads a checkpoint more than once.",
+            "save the checkpoint to a file and pass that.",
+        )
     size = path.stat().st_size
     if size == 0:
         raise SourceError(

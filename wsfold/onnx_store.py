@@ -196,73 +196,94 @@ def write_single(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
 
 def load_without_weights(path: Path) -> onnx.ModelProto:
     """The model at ``path`` with every initializer's data left on disk: an external one as it is, an embedded
-    one (raw_data) turned into an external reference to its own bytes in ``path``. Only the graph's structure is
-    read (onnx.load reads the file whole and holds the weights twice while parsing them)."""
+    one (raw_data of 1 KiB or more) turned into an external reference to its own bytes in ``path``. Only the
+    graph's structure is read (onnx.load reads the file whole and holds the weights twice while parsing them)."""
     with open(path, "rb") as f:
         size = f.seek(0, io.SEEK_END)
         f.seek(0)
-        model = _copy_fields(f, size, {_MODEL_GRAPH: lambda end: _stripped(f, end, _graph_field, path.name)})
+        model = _message(f, size, {_MODEL_GRAPH: lambda stop: _message(f, stop, _graph_handlers(f, path.name))})
     return onnx.ModelProto.FromString(model)
 
 
-def _graph_field(f, end: int, location: str) -> dict:
-    return {_GRAPH_INITIALIZER: lambda stop: _stripped(f, stop, _tensor_field, location)}
+def _graph_handlers(f, location: str) -> dict:
+    return {_GRAPH_INITIALIZER: lambda stop: _tensor(f, stop, location)}
 
 
-def _tensor_field(f, end: int, location: str) -> dict:
-    return {_TENSOR_RAW_DATA: lambda stop: _reference(f, stop, location)}
-
-
-def _stripped(f, end: int, fields, location: str) -> bytes:
-    """The message from here to ``end``, with the fields that ``fields`` names rewritten by their handlers."""
-    return _copy_fields(f, end, fields(f, end, location))
-
-
-def _reference(f, end: int, location: str) -> bytes | None:
-    """In place of a tensor's raw_data: external data entries pointing at those bytes in the file itself (None,
-    to keep them as they are, below 1 KiB)."""
-    offset, length = f.tell(), end - f.tell()
-    if length < 1024:
-        return None
-    f.seek(end)
+def _tensor(f, end: int, location: str) -> bytes:
+    """A TensorProto; when it embeds 1 KiB or more of raw_data, that field gives way to external data entries
+    pointing at those bytes in the file itself, and any data_location or external_data it had is dropped (the
+    last value of a field wins in protobuf, wherever it stands)."""
+    start = f.tell()
+    raw = _field_span(f, end, _TENSOR_RAW_DATA)
+    f.seek(start)
+    if raw is None or raw[1] < 1024:
+        return _message(f, end, {})
+    offset, length = raw
     entries = b""
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = _key(1) + _varint(len(key.encode())) + key.encode() + _key(2) + _varint(len(value)) + value.encode()
         entries += _key(_TENSOR_EXTERNAL_DATA) + _varint(len(entry)) + entry
-    return entries + _varint(_TENSOR_DATA_LOCATION << 3) + _varint(onnx.TensorProto.EXTERNAL)
+    dropped = {_TENSOR_RAW_DATA: None, _TENSOR_EXTERNAL_DATA: None, _TENSOR_DATA_LOCATION: None}
+    kept = _message(f, end, dropped)
+    return kept + entries + _varint(_TENSOR_DATA_LOCATION << 3) + _varint(onnx.TensorProto.EXTERNAL)
 
 
-def _copy_fields(f, end: int, handlers: dict) -> bytes:
-    """The fields of a message from the file's position to ``end``, re-encoded as they are except that a
-    length-delimited field with a handler becomes what the handler returns: another message's bytes (wrapped
-    again in the field), or for raw_data the bytes that replace the whole field; None leaves the field as it is."""
-    out = bytearray()
+def _field_span(f, end: int, wanted: int) -> tuple[int, int] | None:
+    """(offset, length) of the last length-delimited field ``wanted`` of the message from here to ``end``."""
+    found = None
+    for field, wire, value_start, stop in _fields(f, end):
+        if field == wanted and wire == _LENGTH_DELIMITED:
+            found = (value_start, stop - value_start)
+    return found
+
+
+def _fields(f, end: int):
+    """(field, wire type, where its value starts, where it stops) for each field of the message from here to
+    ``end``; the file is left at the field's end after each."""
     while f.tell() < end:
-        start = f.tell()
         key = _read_varint(f)
         field, wire = key >> 3, key & 7
         if wire == _LENGTH_DELIMITED:
             length = _read_varint(f)
-            stop = f.tell() + length
-            if stop > end:
-                raise ValueError("a field runs past the end of its message")
-            inner = handlers[field](stop) if field in handlers else None
-            if inner is not None:
-                f.seek(stop)
-                out += inner if field == _TENSOR_RAW_DATA else _key(field) + _varint(len(inner)) + inner
-                continue
-            f.seek(stop)
-        elif wire == 0:
-            _read_varint(f)
-        elif wire in (1, 5):
-            f.seek(8 if wire == 1 else 4, io.SEEK_CUR)
+            value_start = f.tell()
+            stop = value_start + length
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        stop = f.tell()
+            value_start = f.tell()
+            if wire == 0:
+                _read_varint(f)
+            elif wire in (1, 5):
+                f.seek(8 if wire == 1 else 4, io.SEEK_CUR)
+            else:
+                raise ValueError(f"unsupported protobuf wire type {wire}")
+            stop = f.tell()
         if stop > end:
             raise ValueError("a field runs past the end of its message")
-        f.seek(start)
-        out += f.read(stop - start)
+        yield field, wire, value_start, stop
+        f.seek(stop)
+
+
+def _message(f, end: int, handlers: dict) -> bytes:
+    """The fields of the message from here to ``end`` as they are, except a length-delimited field with a
+    handler: None drops it, else the handler (given the field's end, the file at its value) returns the bytes
+    of the message that replaces its value."""
+    out = bytearray()
+    position = f.tell()
+    for field, wire, value_start, stop in _fields(f, end):
+        if field in handlers:
+            handler = handlers[field]
+            if handler is None:
+                position = stop
+                continue
+            if wire == _LENGTH_DELIMITED:
+                f.seek(value_start)
+                inner = handler(stop)
+                out += _key(field) + _varint(len(inner)) + inner
+                f.seek(stop)
+                position = stop
+                continue
+        f.seek(position)
+        out += f.read(stop - position)
+        position = stop
     return bytes(out)
 
 

@@ -108,7 +108,10 @@ def check_output(
     if out.is_dir():
         raise OutputError(f"{option} {out} is a directory.", f"give a file path with {option}.")
     if (out.exists() or out.is_symlink()) and not force:
-        raise OutputError(f"{option} {out} already exists.", "pass --force to replace it, or choose another path.")
+        raise OutputError(
+            f"{option} {out} already exists.",
+            "pass --force (force=True in Python) to replace it, or choose another path.",
+        )
     return out
 
 
@@ -143,14 +146,14 @@ def place(tmp: Path, out: Path, *, force: bool) -> None:
     except FileExistsError:
         raise OutputError(
             f"{out} already exists (it was written while wsfold was working).",
-            "pass --force to replace it, or choose another path.",
+            "pass --force (force=True in Python) to replace it, or choose another path.",
         ) from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
         # A file system without hard links: the last check and the rename are then two steps.
         if out.exists():
-            raise OutputError(f"{out} already exists.", "pass --force to replace it.") from None
+            raise OutputError(f"{out} already exists.", "pass --force (force=True in Python) to replace it.") from None
         os.replace(tmp, out)
         PLACED.append(out)
         return
@@ -160,28 +163,22 @@ def place(tmp: Path, out: Path, *, force: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_path(out: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; once the block succeeds, give it the usual file mode and move it
-    onto ``out`` (see place). On any failure or interruption the temporary file is removed."""
+    """Yield a path in a temporary folder beside ``out`` (where a writer's own temporary files land too: the
+    safetensors writer makes one and renames it); once the block succeeds, fsync the file, give it the usual
+    file mode and move it onto ``out`` (see place). On any failure or interruption the folder goes, with
+    whatever it holds."""
     out = Path(out)
     # The output's own suffix last: some writers check it (torch.export.save warns on anything but .pt2).
-    suffix = ".tmp" + (out.suffix if len(out.suffix) <= 16 else "")
-    tmp_path = None
-    try:
-        with signals_held():  # a stop signal between mkstemp and this block would leave the file behind
-            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=out.parent)
-            os.close(fd)
-            tmp_path = Path(tmp)
-        with written_back(tmp_path):
+    suffix = out.suffix if len(out.suffix) <= 16 else ""
+    with temp_folder(out) as folder:
+        tmp_path = folder / f"out{suffix}"
+        with written_back(folder):
             yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, file_mode())
         with signals_held():
             place(tmp_path, out, force=force)
-    finally:
-        if tmp_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                tmp_path.unlink()
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -200,10 +197,11 @@ def _sync_file_range():
 
 
 @contextlib.contextmanager
-def written_back(path: Path, every: float = 0.2) -> Iterator[None]:
-    """While the block writes ``path``, start the disk writes of what it holds so far every ``every`` seconds
-    (Linux sync_file_range, from a thread of its own), so that an fsync after the block waits for the last part
-    only: on the project's machine an fsync of a 1.5 GB file just written took 1 s, about what writing it did."""
+def written_back(folder: Path, every: float = 0.2) -> Iterator[None]:
+    """While the block writes files in ``folder``, start the disk writes of what each holds so far every
+    ``every`` seconds (Linux sync_file_range, from a thread of its own), so that an fsync after the block waits
+    for the last part only: on the project's machine an fsync of a 1.5 GB file just written took 1 s, about
+    what writing it did. A file replaced by another of the same name (a writer's rename) is followed."""
     start = _sync_file_range()
     if start is None:
         yield
@@ -211,17 +209,27 @@ def written_back(path: Path, every: float = 0.2) -> Iterator[None]:
     stop = threading.Event()
 
     def run() -> None:
-        fd = None
+        opened: dict[str, tuple[int, int]] = {}  # name: (inode, fd)
         try:
             while not stop.wait(every):
-                if fd is None:
+                try:
+                    entries = list(os.scandir(folder))
+                except OSError:
+                    continue
+                for entry in entries:
                     try:
-                        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        have = opened.get(entry.name)
+                        if have is None or have[0] != entry.inode():
+                            if have is not None:
+                                os.close(have[1])
+                            opened[entry.name] = (entry.inode(), os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC))
+                        start(opened[entry.name][1], 0, 0, _SYNC_FILE_RANGE_WRITE)
                     except OSError:
                         continue
-                start(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
         finally:
-            if fd is not None:
+            for _, fd in opened.values():
                 os.close(fd)
 
     thread = threading.Thread(target=run, name="wsfold-writeback", daemon=True)

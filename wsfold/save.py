@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,14 +84,55 @@ def save_baked(
     out = check_output(Path(out), force=force, source=Path(source) if source else None, suffixes=SUFFIXES)
     if out.suffix == ".pt2":
         program = exported_program(model, input_shapes, input_dtypes, dynamic_batch, dynamic_hw)
+    # Checked first: a writer that runs out of space fails in its own way (torch's .pt2 writer aborts the process).
+    _require_space(out, _tensor_bytes(model))
     with atomic_path(out, force=force) as tmp:
-        if out.suffix == ".pt":
-            _write_pickle(model, tmp, out)
-        elif out.suffix == ".pt2":
-            torch.export.save(program, tmp)
-        else:
-            _write_safetensors(model, tmp, bake_report, fold_report)
+        try:
+            if out.suffix == ".pt":
+                _write_pickle(model, tmp, out)
+            elif out.suffix == ".pt2":
+                torch.export.save(program, tmp)
+            else:
+                _write_safetensors(model, tmp, bake_report, fold_report)
+        except OutputError:
+            raise
+        except Exception as exc:
+            if _out_of_space(exc, out):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from None
+            raise
     return out
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    """The bytes of the model's parameters and buffers, each storage counted once."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _require_space(out: Path, need: int) -> None:
+    try:
+        free = shutil.disk_usage(out.parent).free
+    except OSError:
+        return  # unknown: the write itself will tell
+    if free < need:
+        raise OutputError(
+            f"{out.parent} has {free / 1e6:.0f} MB free; the baked model needs about {need / 1e6:.0f} MB.",
+            "free some space there, or write the output elsewhere with -o.",
+        )
+
+
+def _out_of_space(exc: BaseException, out: Path) -> bool:
+    """Whether a writer's failure is a full file system: an OSError saying so, or any failure of the writers
+    (torch's and safetensors' raise their own types) while the output's file system is (nearly) full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(out.parent).free < (16 << 20)
+    except OSError:
+        return False
 
 
 def _write_pickle(model: nn.Module, tmp: Path, out: Path) -> None:

@@ -166,7 +166,7 @@ def float64_reference(model: nn.Module, detection: Detection) -> tuple[nn.Module
     Returns the copy and the names of the layers so replaced.
     """
     from .bake import build_plain
-    from .formulas import standardize
+    from .formulas import standardize_rounded
 
     model64 = set_eval(structural_copy(model))
     replaced = []
@@ -176,17 +176,21 @@ def float64_reference(model: nn.Module, detection: Detection) -> tuple[nn.Module
         expected = None
         if layer.formula is not None:
             own = own_tensors(module)
-            expected = standardize(own[layer.source_param], layer.formula, *layer.formula.affine_tensors(own))
+            # In blocks, into one float64 tensor: the whole-layer formula would hold several at once.
+            raw = own[layer.source_param]
+            scale, shift = layer.formula.affine_tensors(own)
+            expected = standardize_rounded(raw, layer.formula, scale, shift, dtype=torch.float64).weight
         try:
             with widened_on_call(module64):
                 run = run_probe(module64, probe_shapes(module64, layer.weight_shape)[0][0], torch.float64, 0)
             got = run.ops[0].args["weight"]
         except Exception:  # noqa: BLE001 - fall back to the observed formula
             got = None
+        release_file_pages(module)  # its checkpoint weights, read here, need not stay resident
         reference = expected if expected is not None else layer.observed_weight.double()
         tol = 1e-9 if expected is not None else 64 * torch.finfo(layer.dtype).eps
         if got is not None and got.shape == reference.shape:
-            if float((got - reference).abs().max()) <= tol * float(reference.abs().max()):
+            if float(torch.dist(got, reference, p=float("inf"))) <= tol * float(reference.abs().max()):
                 continue
         plain_layer = copy.copy(layer)
         plain_layer.dtype = torch.float64

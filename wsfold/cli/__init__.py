@@ -25,8 +25,8 @@ def _huge_pages_for_torch() -> None:
             offered = "[never]" not in fh.read()
     except OSError:
         return
-    if offered and "torch" not in sys.modules:
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if offered and "torch" not in sys.modules and not os.environ.get("THP_MEM_ALLOC_ENABLE"):
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # an empty value is unset (torch would warn about it)
 
 
 def main() -> None:
