@@ -88,21 +88,11 @@ def _plain(tensor: onnx.TensorProto) -> onnx.TensorProto:
     return copy
 
 
-# Initializers of MAPPED_FROM bytes or more start at a multiple of MAPPED_ALIGNMENT in the data file (see below).
-MAPPED_FROM = 1 << 20
-MAPPED_ALIGNMENT = 1 << 16
-
-
 def write_external(
     model: onnx.ModelProto, base_dir: Path, data_path: Path, *, location: str, threshold: int = 1024
 ) -> None:
     """Write every initializer of ``threshold`` bytes or more into ``data_path`` (one after the other, 64-byte
-    aligned; from 1 MiB, at a multiple of 64 KiB), copied from wherever it is now, and point ``model`` at it by
-    ``location``.
-
-    onnxruntime maps an external initializer that starts on a page (4 KiB; 64 KiB on Windows) straight from the
-    file instead of reading it into memory of its own: a session then holds file pages it can drop, not a
-    private copy of the weights."""
+    aligned), copied from wherever it is now, and point ``model`` at it by ``location``."""
     with open(data_path, "wb") as out:
         for tensor in model.graph.initializer:
             external = is_external(tensor)
@@ -114,9 +104,8 @@ def write_external(
                     tensor.raw_data = raw
                 continue
             offset = out.seek(0, io.SEEK_END)
-            align = MAPPED_ALIGNMENT if size >= MAPPED_FROM else 64
-            if offset % align:
-                out.write(b"\0" * (align - offset % align))
+            if offset % 64:
+                out.write(b"\0" * (64 - offset % 64))
                 offset = out.tell()
             if external:
                 for chunk in _chunks(tensor, base_dir):
