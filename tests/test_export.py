@@ -177,7 +177,9 @@ def test_external_data_loads_and_matches(tmp_path, exporter):
 
 
 def test_pad_maxpool_guard_is_what_keeps_onnxruntime_correct(tmp_path, exporter):
-    """Without the -0.0 pad value, onnxruntime's default optimizations fuse Pad(0)+MaxPool and change the result."""
+    """Without the -0.0 pad value, onnxruntime up to 1.31 fuses Pad(0)+MaxPool under its default optimizations
+    and changes the result (1.32 no longer does). The guarded graph is right either way; where the runtime
+    miscompiles the unguarded one, it does so only with its optimizations on."""
     out, payload = export_fixture("bit_tiny", tmp_path, exporter=exporter)
     assert len(payload["pad_maxpool_guarded"]) == 1
     x = fixture_input("bit_tiny", batch=3)
@@ -190,8 +192,9 @@ def test_pad_maxpool_guard_is_what_keeps_onnxruntime_correct(tmp_path, exporter)
             init.CopyFrom(onnx.numpy_helper.from_array(np.array(0.0, dtype=np.float32), init.name))
     unguarded = tmp_path / "unguarded.onnx"
     onnx.save(model, str(unguarded))
-    assert rel_err(ort_run(unguarded, x), expected) > 1e-4
     assert rel_err(ort_run(unguarded, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), expected) < 1e-5
+    miscompiled = rel_err(ort_run(unguarded, x), expected) > 1e-4
+    assert miscompiled or tuple(int(v) for v in ort.__version__.split(".")[:2]) >= (1, 32), ort.__version__
 
 
 def test_existing_onnx_refused_and_failed_export_leaves_nothing(tmp_path, monkeypatch):
