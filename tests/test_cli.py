@@ -234,3 +234,11 @@ def test_subprocess_smoke():
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["layers"]) == 4
     assert proc.stderr == ""
+
+
+def test_bake_to_an_onnx_name_points_to_export(tmp_path):
+    from conftest import arch_spec, ckpt
+
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(app, ["bake", str(ckpt("bit_tiny")), "--arch", arch_spec("bit_tiny"), "-o", str(out)])
+    assert result.exit_code == 2 and "wsfold export --onnx" in result.stderr and not out.exists()

@@ -74,9 +74,11 @@ def check_output(
     system allows, and no existing file unless ``force``. ``option`` names the flag in messages."""
     out = Path(out)
     if suffixes and out.suffix not in suffixes:
+        onnx_graph = out.suffix == ".onnx" and ".onnx" not in suffixes
         raise OutputError(
             f"{option} {out}: unknown output format {out.suffix or '(no suffix)'!r}.",
-            f"use one of: {', '.join(suffixes)}.",
+            f"use one of: {', '.join(suffixes)}"
+            + ("; an ONNX graph is written by `wsfold export --onnx`." if onnx_graph else "."),
         )
     for given in (source, *inputs):
         if given is not None and _same_file(out, Path(given)):
