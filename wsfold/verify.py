@@ -672,7 +672,8 @@ def verify_onnx(
     if progress:
         progress(f"run {len(feeds)} input batch(es)")
     # The graph runs first, on its own: its session (weights, packed weights) is gone before the checkpoint's
-    # model runs, and the model's file-backed weights are not resident while the graph runs (see below).
+    # model runs, and the model's file-backed weights are not resident while the graph runs (handed back again:
+    # finding a second input size may have run the model).
     release_file_pages(original)
     graph_outputs = _run_graph(session, feeds)
     del session
@@ -863,13 +864,16 @@ def compare_layers(
 
 
 class _Initializers:
-    """The graph's initializers by name, each read when it is looked at and not kept: external data stays on
-    disk until then (read as onnxruntime reads it: a data file that is a link is followed)."""
+    """The graph's initializers by name, each read when it is looked at: data stays on disk until then (read as
+    onnxruntime reads it: a data file that is a link is followed). The last ones read are kept up to ``budget``
+    bytes: a layer matched by shape rather than name is compared with every initializer of that shape."""
 
-    def __init__(self, proto, onnx_path: Path) -> None:
+    def __init__(self, proto, onnx_path: Path, budget: int = 128 << 20) -> None:
         self.base_dir = onnx_path.parent
         self.onnx_path = onnx_path
         self.tensors = {t.name: t for t in proto.graph.initializer}
+        self.budget = budget
+        self.kept: dict[str, np.ndarray] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -880,13 +884,20 @@ class _Initializers:
     def __getitem__(self, name: str) -> np.ndarray:
         from .onnx_store import to_array
 
+        if name in self.kept:
+            self.kept[name] = self.kept.pop(name)  # the most recently used last
+            return self.kept[name]
         try:
-            return to_array(self.tensors[name], self.base_dir)
+            value = to_array(self.tensors[name], self.base_dir)
         except (OSError, ValueError) as exc:
             raise VerifyInputError(
                 f"the weights of {self.onnx_path} cannot be read for the per-layer check ({first_line(exc)}).",
                 "re-export it with `wsfold export`, or pass --no-per-layer.",
             ) from None
+        self.kept[name] = value
+        while sum(a.nbytes for a in self.kept.values()) > self.budget and len(self.kept) > 1:
+            del self.kept[next(iter(self.kept))]
+        return value
 
 
 def _exporter_fusions(model: nn.Module) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -976,11 +987,7 @@ def _closest(
 ) -> LayerCheck:
     """The initializer among ``candidates`` closest to ``expected``, judged to 2 ulp of its dtype or of
     ``coarse``, whichever is coarser."""
-    found = []
-    for c in candidates:
-        value = inits[c]
-        found.append((float(np.abs(value.astype(np.float64) - expected).max()), c, value.dtype))
-        del value
+    found = [(float(np.abs(inits[c].astype(np.float64) - expected).max()), c, inits[c].dtype) for c in candidates]
     err, init_name, dtype = min(found, key=lambda f: f[:2])
     scale = float(np.abs(expected).max()) or 1.0
     eps = max(float(np.finfo(dtype).eps), torch.finfo(coarse).eps) if dtype.kind == "f" else 0.0
