@@ -589,10 +589,9 @@ def _private_result(tensor: torch.Tensor, module: nn.Module, params: TensorSet) 
         return False
     for m in module.modules():
         for value in vars(m).values():
-            held = value.values() if isinstance(value, dict) else value
-            for t in held if isinstance(held, (list, tuple, type({}.values()))) else (value,):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr:
-                    return False
+            held = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr for t in held):
+                return False
     return True
 
 

@@ -987,7 +987,10 @@ def _closest(
 ) -> LayerCheck:
     """The initializer among ``candidates`` closest to ``expected``, judged to 2 ulp of its dtype or of
     ``coarse``, whichever is coarser."""
-    found = [(float(np.abs(inits[c].astype(np.float64) - expected).max()), c, inits[c].dtype) for c in candidates]
+    found = []
+    for c in candidates:
+        value = inits[c]
+        found.append((float(np.abs(value.astype(np.float64) - expected).max()), c, value.dtype))
     err, init_name, dtype = min(found, key=lambda f: f[:2])
     scale = float(np.abs(expected).max()) or 1.0
     eps = max(float(np.finfo(dtype).eps), torch.finfo(coarse).eps) if dtype.kind == "f" else 0.0
