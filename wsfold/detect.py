@@ -27,7 +27,7 @@ from .formulas import (
     standardize_rounded,
     tolerance,
 )
-from .memory import FilePages
+from .memory import FilePages, file_mappings
 from .modeltree import eval_mode, require_module
 from .modules import tf_same_pad
 from .probe import OpCall, ProbeRun, TensorSet, as_tuple, own_tensors, probe_shapes, run_probe
@@ -370,6 +370,8 @@ class _Prober:
         self.weight_dtype = weight_dtype
         self.reuse_observed = reuse_observed
         self.learned: dict[tuple, _Learned] = {}
+        # Where the model's tensors may be file-backed (see FilePages): read once, not once per layer.
+        self.mappings = file_mappings() if exact_weights else []
 
     def analyse(self, name: str, module: nn.Module) -> Finding | None:
         own = own_tensors(module)
@@ -419,7 +421,16 @@ class _Prober:
         # sends the module through the full probes, which observe it afresh.
         reuse = self.reuse_observed and self.exact_weights and _private_result(w0, module, self.params)
         rounded = _round(
-            own, raw, formula, learned.raw_name, bias_param, w0, self.exact_weights, self.weight_dtype, reuse
+            own,
+            raw,
+            formula,
+            learned.raw_name,
+            bias_param,
+            w0,
+            self.exact_weights,
+            self.weight_dtype,
+            into_observed=reuse,
+            mappings=self.mappings,
         )
         if rounded is None:
             return None
@@ -443,7 +454,15 @@ class _Prober:
                 None
                 if formula is None
                 else _round(
-                    own, own[raw_name], formula, raw_name, bias_param, w0, self.exact_weights, self.weight_dtype
+                    own,
+                    own[raw_name],
+                    formula,
+                    raw_name,
+                    bias_param,
+                    w0,
+                    self.exact_weights,
+                    self.weight_dtype,
+                    mappings=self.mappings,
                 )
             )
             formula = formula if rounded is not None else None
@@ -501,6 +520,7 @@ def _round(
     exact_weights: bool,
     weight_dtype: torch.dtype | None = None,
     into_observed: bool = False,
+    mappings: list[tuple[int, int]] | None = None,
 ) -> Rounded | None:
     """The formula in float64 over the whole weight, checked element by element against what the layer's own
     code computed; None when they differ by more than rounding noise. With ``into_observed`` the exact weight is
@@ -511,7 +531,7 @@ def _round(
         return None
     # When baking, a memory-mapped source weight's pages are handed back as soon as they have been read for
     # the last time (the baked layer replaces it).
-    done = FilePages(raw).release if exact_weights else None
+    done = FilePages(raw, mappings).release if exact_weights else None
     dtype = weight_dtype or observed.dtype
     rounded = standardize_rounded(
         raw,
