@@ -142,3 +142,97 @@ def test_the_command_line_asks_torch_for_huge_pages_unless_told_otherwise(tmp_pa
         [sys.executable, "-c", probe], capture_output=True, text=True, env={**env, "THP_MEM_ALLOC_ENABLE": "0"}
     )
     assert told.stdout.strip() == "0"
+
+
+class _Saved(torch.nn.Module):
+    """A module with what a pickled checkpoint holds: shared and strided storages, an empty tensor, integer and
+    half buffers, a plain attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 64, 3)
+        self.tied = self.conv  # the same module twice
+        self.register_buffer("fp16", torch.randn(5, 7).half())
+        self.register_buffer("count", torch.arange(11))
+        self.register_buffer("empty", torch.empty(0, 3))
+        self.register_buffer("strided", torch.randn(6, 4).t())
+        self.note = {"formula": "V1", "eps": 1e-5}
+
+
+def _records(path):
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None  # every record's CRC-32 is right
+        return {i.filename.partition("/")[2]: z.read(i) for i in z.infolist()}
+
+
+@pytest.mark.parametrize("zip64_at", [None, 100])
+def test_a_pt_written_on_two_threads_holds_what_torch_save_writes(tmp_path, monkeypatch, zip64_at):
+    """The records torch.save would write, byte for byte (the serialization id excepted), aligned, with right
+    CRCs, loaded by torch.load with and without mmap; with ZIP64 fields too (forced on small sizes here)."""
+    import zipfile
+
+    from wsfold import ptzip
+
+    if zip64_at is not None:
+        monkeypatch.setattr(ptzip, "_ZIP64_AT", zip64_at)
+    torch.manual_seed(0)
+    model = _Saved()
+    ours, theirs = tmp_path / "ours.pt", tmp_path / "theirs.pt"
+    ptzip.save_module(model, ours)
+    torch.save(model, theirs)
+    mine, reference = _records(ours), _records(theirs)
+    assert mine.keys() == reference.keys()
+    for name in reference:
+        if name != ".data/serialization_id":
+            assert mine[name] == reference[name], name
+    assert len(mine[".data/serialization_id"]) == 40
+    with zipfile.ZipFile(ours) as z:
+        for info in z.infolist():
+            if info.filename.partition("/")[2].startswith("data/"):
+                with open(ours, "rb") as fh:  # the data offset from the local header
+                    fh.seek(info.header_offset + 26)
+                    name_len, extra_len = int.from_bytes(fh.read(2), "little"), int.from_bytes(fh.read(2), "little")
+                assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0
+            zip64 = zip64_at is not None and max(info.file_size, info.header_offset) >= zip64_at
+            assert info.extra[:2] == (b"\x01\x00" if zip64 else b"")
+    for mmap in (False, True):
+        loaded = torch.load(ours, weights_only=False, mmap=mmap)
+        assert loaded.tied is loaded.conv and loaded.note == model.note
+        for (key, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), key
+
+
+def test_a_pt_is_written_by_torch_save_when_torchs_serializer_is_not_the_one_known(tmp_path, monkeypatch):
+    from wsfold import ptzip
+
+    monkeypatch.setattr(ptzip, "_SAVE_PARAMS", ("obj", "zip_file"))  # as if torch's had another signature
+    model = _Saved()
+    ptzip.save_module(model, tmp_path / "m.pt")
+    assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False).conv.weight, model.conv.weight)
+
+
+def test_a_failed_write_stops_both_threads_and_raises(tmp_path, monkeypatch):
+    import errno
+    import os
+    import threading
+
+    from wsfold import ptzip
+
+    monkeypatch.setattr(ptzip, "_CHUNK", 64)
+    calls = []
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(ptzip.os, "pwrite", pwrite)
+    with pytest.raises(OSError, match="No space"):
+        ptzip.save_module(_Saved(), tmp_path / "m.pt")
+    count = len(calls)
+    assert count <= 10  # of about 170: the other thread stopped at its next chunk instead of writing the rest
+    assert not [t for t in threading.enumerate() if t.name.startswith("wsfold-save")]

@@ -136,8 +136,10 @@ def _out_of_space(exc: BaseException, out: Path) -> bool:
 
 
 def _write_pickle(model: nn.Module, tmp: Path, out: Path) -> None:
+    from .ptzip import save_module
+
     try:
-        torch.save(model, tmp)
+        save_module(model, tmp)
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
         raise OutputError(
             f"the baked model cannot be pickled whole ({type(exc).__name__}: {first_line(exc)}).",
