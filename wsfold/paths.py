@@ -199,7 +199,7 @@ def _sync_file_range():
 
 
 @contextlib.contextmanager
-def written_back(folder: Path, every: float = 0.2) -> Iterator[None]:
+def written_back(folder: Path, every: float = 0.05) -> Iterator[None]:
     """While the block writes files in ``folder``, start the disk writes of what each holds so far every
     ``every`` seconds (Linux sync_file_range, from a thread of its own), so that an fsync after the block waits
     for the last part only: on the project's machine an fsync of a 1.5 GB file just written took 1 s, about
