@@ -241,3 +241,55 @@ def test_a_safetensors_file_whose_tensors_are_not_aligned_is_read_as_copies(tmp_
     assert _mapped_safetensors(path, ["a", "b"]) is None  # b starts 3 bytes into the data: no float view there
     tensors, _ = read_checkpoint(path)
     assert torch.equal(tensors["a"], torch.ones(3, dtype=torch.uint8)) and torch.equal(tensors["b"], b)
+
+
+ARCH_WITH_RANDOM_INIT = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 4)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out")  # as timm's ResNetV2 does
+        nn.init.normal_(tensor=self.fc.weight, std=0.01)
+        self.fc.bias.data.normal_(0.0, 0.02)  # as transformers' _init_weights do
+        self.register_buffer("code", torch.randn(5, generator=torch.Generator().manual_seed(1)))
+        self.register_buffer("table", torch.rand(2, 3, device="cpu"))  # asked for on the CPU: kept as asked
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def net():
+    return Net()
+'''
+
+
+def test_random_init_is_skipped_on_the_meta_device_and_the_checkpoint_fills_the_model(tmp_path):
+    """On the meta device there is nothing to fill, and torch's meta fills import torch._dynamo (~2 s): an
+    architecture whose constructor initializes randomly loads without it, holding exactly the checkpoint."""
+    import subprocess
+    import sys
+
+    arch = tmp_path / "net.py"
+    arch.write_text(ARCH_WITH_RANDOM_INIT)
+    spec = importlib.util.spec_from_file_location("net_arch", arch)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    sd = module.net().state_dict()
+    torch.save(sd, tmp_path / "net.pt")
+    code = (
+        "import sys, torch\n"
+        "from wsfold.load import load_model\n"
+        f"model = load_model({str(tmp_path / 'net.pt')!r}, arch={str(arch) + ':net'!r}).model\n"
+        f"sd = torch.load({str(tmp_path / 'net.pt')!r})\n"
+        "same = all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())\n"
+        "print(same, 'torch._dynamo' in sys.modules, model.table.is_meta)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False", "False"]

@@ -3,6 +3,7 @@ the --arch model, or a whole pickled module when the user allows pickle."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import (
     ArchitectureError,
@@ -414,6 +416,33 @@ def _has_meta_tensors(model: nn.Module) -> bool:
     return False
 
 
+_RANDOM_FILLS = frozenset(
+    getattr(torch.Tensor, name)
+    for name in ("normal_", "uniform_", "random_", "bernoulli_", "exponential_", "geometric_", "log_normal_", "cauchy_")
+)
+_RANDOM_FACTORIES = frozenset((torch.randn, torch.rand))
+
+
+class _NoRandomFill(TorchFunctionMode):
+    """While an architecture is built on the meta device, random initialization is skipped: a meta tensor holds no
+    values to fill (the checkpoint's replace them), and on meta torch runs these fills through Python reference
+    code that imports torch._dynamo on first use, ~2 s measured here for one ``nn.init.kaiming_normal_`` (timm's
+    ResNetV2 calls it for every conv). Anything else runs as the constructor asks."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes the tensor by keyword
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        elif func in _RANDOM_FILLS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        elif func in _RANDOM_FACTORIES and kwargs.get("out") is None and kwargs.get("device") in (None, "meta"):
+            # The device context in force makes the empty tensor a meta one, as it would the random one.
+            return torch.empty(*args, **{k: v for k, v in kwargs.items() if k != "generator"})
+        return func(*args, **kwargs)
+
+
 def build_and_load(
     build: Callable[[], nn.Module], spec: str, sd: Mapping[str, torch.Tensor], manifest: dict | None
 ) -> nn.Module:
@@ -421,9 +450,10 @@ def build_and_load(
     init that the checkpoint replaces) and assign the checkpoint's tensors; if anything is left on meta (a
     non-persistent buffer, a tensor attribute, a constructor that needs real tensors), build it on the CPU
     instead."""
-    for device in ("meta", "cpu"):
+    # A wsfold-baked state dict needs real layers: baking runs them to rebuild the baked structure.
+    for device in ("meta", "cpu") if manifest is None else ("cpu",):
         try:
-            with torch.device(device):
+            with torch.device(device), _NoRandomFill() if device == "meta" else contextlib.nullcontext():
                 model = build()
         except UserCodeError:
             if device == "meta":
@@ -434,8 +464,6 @@ def build_and_load(
             from .bake import bake_model
             from .fold import restore_fold_structure
 
-            if device == "meta":
-                continue  # baking needs to run the layers
             set_eval(model)
             model, _ = bake_model(model, inplace=True, allow_nonfinite=True)
             try:
