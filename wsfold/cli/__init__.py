@@ -57,7 +57,17 @@ def main() -> None:
     except KeyboardInterrupt as exc:
         _interrupted(exc)
     ignore_stop_signals()  # done: a signal during the interpreter's shutdown cannot change what was done
+    _quick_shutdown()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _quick_shutdown() -> None:
+    """Spare the interpreter's shutdown its garbage collections over everything torch defined (~0.4 s of the
+    ~0.6 s it takes after importing torch, measured here): objects alive now are moved out of the collector's
+    sight (gc.freeze). They are still freed as modules are torn down, and every exit handler still runs."""
+    import gc
+
+    gc.freeze()
 
 
 def _interrupted(exc: BaseException | None) -> None:
