@@ -7,8 +7,8 @@ R101x3, a deep one of the same size with about twice the layers, as timm's resne
 state-dict checkpoints, and measures, each step in its own process so that peak RSS is that step's alone:
 bake seconds against torch.load + torch.save of the same checkpoint (the I/O floor; medians of --repeat
 alternating runs, each started with the checkpoint in the page cache and no writes pending, so that no run pays
-for the one before it), peak RSS (the worst run) against the
-checkpoint size, eager latency at batch 1 of the baked model against the original and against the same
+for the one before it; timed from after the interpreter's start-up to the end of the job, and, as "process", the
+whole process as a shell's `time` shows it), peak RSS (the worst run) against the checkpoint size, eager latency at batch 1 of the baked model against the original and against the same
 architecture built with plain convs, and the export figures of benchmarks/export_bench.py.
 """
 
@@ -56,19 +56,24 @@ def settle(checkpoint: Path) -> None:
 
 
 def measured(*argv: str) -> dict:
-    """Run argv in a fresh interpreter; its wall time (after start-up) and peak RSS."""
+    """Run argv in a fresh interpreter; its wall time from after the interpreter's start-up to the end of the job
+    (``seconds``), the whole process's wall time as a shell's ``time`` shows it, start-up and shutdown included
+    (``process_seconds``), and its peak RSS."""
+    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", RUNNER, *argv], capture_output=True, text=True, cwd=ROOT)
+    whole = time.perf_counter() - start
     line = next((x for x in proc.stderr.splitlines() if x.startswith("MEASURE")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{argv} failed:\n{proc.stderr[-2000:]}")
     _, secs, rss, _ = line.split()
-    return {"seconds": float(secs), "peak_rss_bytes": int(rss)}
+    return {"seconds": float(secs), "process_seconds": whole, "peak_rss_bytes": int(rss)}
 
 
 def summary(runs: list[dict]) -> dict:
     """Median seconds and worst peak RSS over runs, with every run kept."""
     return {
         "seconds": statistics.median(r["seconds"] for r in runs),
+        "process_seconds": statistics.median(r["process_seconds"] for r in runs),
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
         "runs": runs,
     }
@@ -188,6 +193,8 @@ def main() -> None:
             "load_save": floor,
             "bake": bake,
             "bake_vs_load_save": bake["seconds"] / floor["seconds"],
+            # the same for the whole processes, interpreter start-up and shutdown included
+            "bake_vs_load_save_process": bake["process_seconds"] / floor["process_seconds"],
             # each bake against the load+save run just before it
             "bake_vs_load_save_runs": [b["seconds"] / f["seconds"] for b, f in zip(bakes, floors)],
             "bake_peak_rss_vs_checkpoint": bake["peak_rss_bytes"] / size,
@@ -207,7 +214,7 @@ def main() -> None:
         results["export"] = json.loads(export_json.read_text())
     header = (
         f"{'model':16} {'ckpt GB':>8} {'load+save s':>11} {'bake s':>7} {'ratio':>6} {'bake RSS GB':>11} "
-        f"{'ratio range':>11} {'RSS/ckpt':>8} {'l+s RSS/ckpt':>12} {'orig ms':>8} {'baked ms':>8} {'plain ms':>8} {'b/orig':>6} {'b/plain':>7} {'err':>8} {'f64 err orig/baked':>18}"
+        f"{'ratio range':>11} {'process':>7} {'RSS/ckpt':>8} {'l+s RSS/ckpt':>12} {'orig ms':>8} {'baked ms':>8} {'plain ms':>8} {'b/orig':>6} {'b/plain':>7} {'err':>8} {'f64 err orig/baked':>18}"
     )
     print(header)
     for name, r in results["models"].items():
@@ -215,7 +222,8 @@ def main() -> None:
         print(
             f"{name:16} {r['checkpoint_bytes'] / 1e9:8.2f} {r['load_save']['seconds']:11.2f} {r['bake']['seconds']:7.2f} "
             f"{r['bake_vs_load_save']:6.2f} {r['bake']['peak_rss_bytes'] / 1e9:11.2f} "
-            f"{min(r['bake_vs_load_save_runs']):5.2f}-{max(r['bake_vs_load_save_runs']):<5.2f} {r['bake_peak_rss_vs_checkpoint']:8.2f} "
+            f"{min(r['bake_vs_load_save_runs']):5.2f}-{max(r['bake_vs_load_save_runs']):<5.2f} "
+            f"{r['bake_vs_load_save_process']:7.2f} {r['bake_peak_rss_vs_checkpoint']:8.2f} "
             f"{r['load_save_peak_rss_vs_checkpoint']:12.2f} {lat['original']:8.1f} {lat['baked']:8.1f} {lat['plain']:8.1f} "
             f"{r['baked_vs_original']:6.3f} {r['baked_vs_plain']:7.3f} {r['max_rel_err_baked_vs_original']:8.1e} "
             f"{r['max_rel_err_vs_float64']['original']:8.1e}/{r['max_rel_err_vs_float64']['baked']:8.1e}"
