@@ -285,3 +285,25 @@ def test_a_damaged_graph_is_refused_by_the_light_reader_with_a_value_error(expor
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError):
         load_without_weights(cut)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "folder", "checkpoint"])
+def test_an_onnx_that_is_not_one_is_said_before_source_is_loaded(tmp_path, monkeypatch, kind):
+    import wsfold.cli.app
+
+    onnx_path = {"missing": tmp_path / "nope.onnx", "empty": tmp_path / "empty.onnx"}.get(kind, tmp_path / "x.onnx")
+    if kind == "empty":
+        onnx_path.write_bytes(b"")
+    elif kind == "folder":
+        onnx_path.mkdir()
+    elif kind == "checkpoint":
+        onnx_path = ckpt("bit_tiny")  # a safetensors file passed as the graph
+
+    def never(*args, **kwargs):
+        raise AssertionError("SOURCE was loaded before --onnx was checked")
+
+    monkeypatch.setattr(wsfold.cli.app, "_prepare", never)
+    result = run("verify", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "--onnx", onnx_path, "-q")
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    expected = {"missing": "no such ONNX file", "empty": "holds no ONNX graph", "folder": "is not a file"}
+    assert expected.get(kind, "is not an ONNX model") in result.stderr and str(onnx_path) in result.stderr

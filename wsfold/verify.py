@@ -142,6 +142,30 @@ class VerificationResult:
         }
 
 
+def check_onnx_file(path: str | Path) -> Path:
+    """``path`` as a Path, once it is known to hold an ONNX graph: a missing file, something else than a file, or
+    a file that does not parse as an ONNX model with a graph is a VerifyInputError, said before any other work.
+    Only the graph's structure is read (see onnx_store.load_without_weights)."""
+    from google.protobuf.message import DecodeError
+
+    from .onnx_store import load_without_weights
+
+    path = Path(path)
+    if not path.exists():
+        raise VerifyInputError(f"{path}: no such ONNX file.", "run `wsfold export SOURCE --onnx PATH` first.")
+    if not path.is_file():
+        raise VerifyInputError(f"{path} is not a file.", "pass the .onnx file that `wsfold export` wrote.")
+    try:
+        proto = load_without_weights(path)
+    except (OSError, ValueError, DecodeError, RecursionError) as exc:
+        raise VerifyInputError(
+            f"{path} is not an ONNX model ({first_line(exc)}).", "pass the .onnx file that `wsfold export` wrote."
+        ) from None
+    if not proto.graph.node and not proto.graph.output:
+        raise VerifyInputError(f"{path} holds no ONNX graph.", "pass the .onnx file that `wsfold export` wrote.")
+    return path
+
+
 def ort_session(path: Path, level: str = "all"):
     import onnxruntime as ort
 
@@ -620,9 +644,7 @@ def verify_onnx(
     if detection is not None and not isinstance(detection, Detection):
         raise TypeError(f"verify_onnx's detection must be a Detection, not {type(detection).__name__}")
     inputs_file = Path(inputs_file) if inputs_file is not None else None
-    onnx_path = Path(onnx_path)
-    if not onnx_path.exists():
-        raise VerifyInputError(f"{onnx_path}: no such ONNX file.", "run `wsfold export SOURCE --onnx PATH` first.")
+    onnx_path = check_onnx_file(onnx_path)
     if ort_opt_level not in ORT_LEVELS:
         raise VerifyInputError(f"--ort-opt-level {ort_opt_level!r} is not one of {', '.join(ORT_LEVELS)}.", "use all.")
     if not 1 <= samples <= MAX_SAMPLES:

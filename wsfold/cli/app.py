@@ -362,9 +362,10 @@ def verify(
     """Check with onnxruntime that the ONNX graph computes what SOURCE computes. Exit 1 when it does not."""
     from ..inputs import parse_range, parse_shape
     from ..paths import atomic_path, check_output
-    from ..verify import verify_onnx
+    from ..verify import check_onnx_file, verify_onnx
     from . import render
 
+    check_onnx_file(onnx_path)  # before SOURCE is loaded and probed: a wrong --onnx is said at once
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     ranges = [parse_range(r) for r in input_range] if input_range else None
     if report is not None:
