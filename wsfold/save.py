@@ -33,9 +33,11 @@ def manifest(
 ) -> dict:
     """Each baked key, the tensor it came from, formula and eps, what was folded, and the wsfold version; with
     ``tensors`` (what is written), the sha256 of each baked tensor, checked when the file is loaded."""
-    from .load import tensor_digest
+    from .load import tensor_digests
 
     tensors = tensors or {}
+    baked = report.baked if report is not None else []
+    digests = tensor_digests({k: tensors[k] for b in baked for k in (b.weight_key, b.bias_key) if k in tensors})
     return {
         "wsfold_version": __version__,
         "folded": [f.to_dict() for f in fold_report.folded] if fold_report is not None else [],
@@ -48,9 +50,9 @@ def manifest(
                 "type": b.layer.type,
                 "formula": b.layer.formula_name,
                 "eps": b.layer.eps,
-                "digests": {k: tensor_digest(tensors[k]) for k in (b.weight_key, b.bias_key) if k in tensors},
+                "digests": {k: digests[k] for k in (b.weight_key, b.bias_key) if k in digests},
             }
-            for b in (report.baked if report is not None else [])
+            for b in baked
         ],
     }
 
