@@ -243,7 +243,7 @@ def test_a_safetensors_file_whose_tensors_are_not_aligned_is_read_as_copies(tmp_
     assert torch.equal(tensors["a"], torch.ones(3, dtype=torch.uint8)) and torch.equal(tensors["b"], b)
 
 
-ARCH_WITH_RANDOM_INIT = '''
+ARCH_WITH_RANDOM_INIT = """
 import torch
 from torch import nn
 
@@ -265,7 +265,7 @@ class Net(nn.Module):
 
 def net():
     return Net()
-'''
+"""
 
 
 def test_random_init_is_skipped_on_the_meta_device_and_the_checkpoint_fills_the_model(tmp_path):
@@ -293,3 +293,17 @@ def test_random_init_is_skipped_on_the_meta_device_and_the_checkpoint_fills_the_
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "False", "False"]
+
+
+def test_random_values_asked_for_off_the_meta_device_are_random():
+    """Only tensors the meta device would hold are left unfilled; a constructor that asks for the CPU (a nested
+    device context, as set_default_device gives) gets real random values, not uninitialized memory."""
+    from wsfold.load import _NoRandomFill
+
+    with torch.device("meta"), _NoRandomFill():
+        assert torch.randn(3).is_meta and torch.rand(2, 2, generator=torch.Generator()).is_meta
+        with torch.device("cpu"):
+            torch.manual_seed(0)
+            values = torch.randn(10000)
+    torch.manual_seed(0)
+    assert not values.is_meta and torch.equal(values, torch.randn(10000))

@@ -437,9 +437,12 @@ class _NoRandomFill(TorchFunctionMode):
                 return target
         elif func in _RANDOM_FILLS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
             return args[0]
-        elif func in _RANDOM_FACTORIES and kwargs.get("out") is None and kwargs.get("device") in (None, "meta"):
-            # The device context in force makes the empty tensor a meta one, as it would the random one.
-            return torch.empty(*args, **{k: v for k, v in kwargs.items() if k != "generator"})
+        elif func in _RANDOM_FACTORIES and kwargs.get("out") is None:
+            # The device in force (the meta context, unless the constructor set another) decides, as it would
+            # for the random tensor; only a meta one is left empty.
+            empty = torch.empty(*args, **{k: v for k, v in kwargs.items() if k != "generator"})
+            if empty.is_meta:
+                return empty
         return func(*args, **kwargs)
 
 
