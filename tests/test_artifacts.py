@@ -236,3 +236,68 @@ def test_a_failed_write_stops_both_threads_and_raises(tmp_path, monkeypatch):
     count = len(calls)
     assert count <= 10  # of about 170: the other thread stopped at its next chunk instead of writing the rest
     assert not [t for t in threading.enumerate() if t.name.startswith("wsfold-save")]
+
+
+def test_threads_that_share_work_have_all_ended_before_an_interruption_goes_on():
+    """A stop signal while the work is shared out: every worker has ended (no further item taken, the running
+    ones told to stop) before the exception reaches the caller, who may then close what they write to."""
+    import signal
+    import threading
+    import time
+
+    from wsfold.parallel import each_in_threads
+
+    class Stopped(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Stopped
+
+    stop, busy, ended = threading.Event(), threading.Barrier(2), []
+
+    def work(i):
+        busy.wait(timeout=10)  # both workers are inside an item when the signal comes
+        while not stop.is_set():
+            time.sleep(0.005)
+        time.sleep(0.05)  # still finishing its step after being told
+        ended.append(i)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        main = threading.main_thread().ident
+        threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGUSR1)).start()
+        with pytest.raises(Stopped):
+            each_in_threads(work, list(range(6)), stop=stop, name="wsfold-test")
+        assert sorted(ended) == [0, 1]
+        assert not [t for t in threading.enumerate() if t.name == "wsfold-test"]
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_threads_that_share_work_keep_the_items_order_and_raise_the_first_failure():
+    from wsfold.parallel import each_in_threads
+
+    assert each_in_threads(lambda x: x * x, [3, 1, 2], name="wsfold-test") == [9, 1, 4]
+
+    def work(x):
+        if x == 2:
+            raise ValueError("item 2")
+        return x
+
+    with pytest.raises(ValueError, match="item 2"):
+        each_in_threads(work, [1, 2, 3, 4], name="wsfold-test")
+
+
+def test_a_file_size_limit_is_the_systems_refusal_exit_2_with_nothing_left(tmp_path, monkeypatch):
+    import errno
+
+    from wsfold import ptzip
+
+    def too_large(fd, data, offset):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(ptzip.os, "pwrite", too_large)
+    out = tmp_path / "out.pt"
+    res = run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", out, "-q")
+    assert res.exit_code == 2 and "File too large" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert list(tmp_path.iterdir()) == []

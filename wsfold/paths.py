@@ -235,7 +235,8 @@ def written_back(folder: Path, every: float = 0.05) -> Iterator[None]:
                 os.close(fd)
 
     thread = threading.Thread(target=run, name="wsfold-writeback", daemon=True)
-    thread.start()
+    with signals_held():  # an exception inside Thread.start can leave its lock taken for good
+        thread.start()
     try:
         yield
     finally:

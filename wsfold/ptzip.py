@@ -20,10 +20,11 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from .parallel import each_in_threads
 
 _SAVE_PARAMS = ("obj", "zip_file", "pickle_module", "pickle_protocol", "_disable_byteorder_record")
 _CHUNK = 1 << 20  # CRC'd, then written while still in the core's cache
@@ -127,32 +128,23 @@ def write_zip(records: list[tuple[str, memoryview]], path: str | Path, alignment
     try:
 
         def write(entry: _Entry) -> None:
-            try:
-                crc = 0
-                for lo in range(0, len(entry.data), _CHUNK):
-                    if stop.is_set():
-                        return
-                    part = entry.data[lo : lo + _CHUNK]
-                    crc = zlib.crc32(part, crc)
-                    _pwrite_all(fd, part, entry.start + lo)
-                entry.crc = crc
-                _pwrite_all(fd, entry.local_header(), entry.header)
-            except BaseException:
-                stop.set()  # the other thread stops at its next chunk
-                raise
+            crc = 0
+            for lo in range(0, len(entry.data), _CHUNK):
+                if stop.is_set():  # another thread failed, or the process is being stopped
+                    return
+                part = entry.data[lo : lo + _CHUNK]
+                crc = zlib.crc32(part, crc)
+                _pwrite_all(fd, part, entry.start + lo)
+            entry.crc = crc
+            _pwrite_all(fd, entry.local_header(), entry.header)
 
         # The largest records first, so that the two threads finish together.
-        pool = ThreadPoolExecutor(2, thread_name_prefix="wsfold-save")
-        try:
-            for future in [pool.submit(write, e) for e in sorted(entries, key=lambda e: -len(e.data))]:
-                future.result()
-        finally:
-            stop.set()  # on a signal here too
-            pool.shutdown(wait=True, cancel_futures=True)
+        largest_first = sorted(entries, key=lambda e: -len(e.data))
+        each_in_threads(write, largest_first, threads=2, stop=stop, name="wsfold-save")
         directory = b"".join(e.central_header() for e in entries)
         _pwrite_all(fd, directory + _end_records(len(entries), len(directory), end), end)
     finally:
-        os.close(fd)
+        os.close(fd)  # every thread writing to it has ended (each_in_threads)
 
 
 def _end_records(count: int, size: int, offset: int) -> bytes:
