@@ -170,6 +170,19 @@ def test_a_page_written_since_the_file_was_mapped_is_paged_out_not_dropped(tmp_p
     assert float(w[100, 7]) == 12345.0
 
 
+def test_a_swapped_out_page_is_never_taken_for_one_of_the_files():
+    """pagemap bits: 63 present, 62 swapped, 61 file page. Only ranges whose pages are all the file's (or were
+    never touched) may be dropped; a swapped-out page is a private copy that dropping would lose."""
+    import numpy as np
+
+    from wsfold.memory import _all_file_pages
+
+    present, swapped, file_page = 1 << 63, 1 << 62, 1 << 61
+    assert _all_file_pages(np.array([present | file_page, 0, present | file_page], dtype=np.uint64))
+    assert not _all_file_pages(np.array([present | file_page, present], dtype=np.uint64))
+    assert not _all_file_pages(np.array([present | file_page, swapped | 123], dtype=np.uint64))
+
+
 def test_the_exact_weight_may_take_the_place_of_the_observed_one():
     """Written over the observed weight block by block, the exact weight and the misfit are those computed
     into a fresh tensor; a misfit still counts every NaN the observed weight held."""

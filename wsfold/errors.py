@@ -7,6 +7,7 @@ import errno
 # What the machine, not wsfold, refused: a full disk, a read-only or foreign file, a name too long.
 ENVIRONMENT_ERRNOS = {
     errno.ENOSPC,
+    errno.EFBIG,  # past the file size limit (ulimit -f) or the file system's
     errno.EDQUOT,
     errno.EROFS,
     errno.EACCES,

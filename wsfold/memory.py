@@ -95,7 +95,8 @@ class FilePages:
 
 def _only_file_pages(lo: int, hi: int) -> bool:
     """Whether every resident page in [lo, hi) is a page of the mapped file rather than a private copy made when
-    something wrote to it: pagemap's bit 63 (present) never without bit 61 (file page). False when unknown."""
+    something wrote to it: pagemap's bit 63 (present) never without bit 61 (file page), and no page swapped out
+    (bit 62). False when unknown."""
     try:
         with open("/proc/self/pagemap", "rb", buffering=0) as fh:
             fh.seek(lo // _PAGE * 8)
@@ -104,9 +105,14 @@ def _only_file_pages(lo: int, hi: int) -> bool:
         return False
     if len(data) != (hi - lo) // _PAGE * 8:
         return False
-    entries = np.frombuffer(data, dtype=np.uint64)
-    present, file_page = np.uint64(1 << 63), np.uint64(1 << 61)
-    return not bool(np.any((entries & (present | file_page)) == present))
+    return _all_file_pages(np.frombuffer(data, dtype=np.uint64))
+
+
+def _all_file_pages(entries: np.ndarray) -> bool:
+    """Over pagemap entries: no page present without being the file's, none swapped out (a swapped-out page is a
+    private copy too; not present, it would otherwise pass for one never touched)."""
+    present, swapped, file_page = np.uint64(1 << 63), np.uint64(1 << 62), np.uint64(1 << 61)
+    return not bool(np.any((entries & (present | file_page)) == present) or np.any(entries & swapped))
 
 
 def release_file_pages(model: torch.nn.Module) -> None:
