@@ -365,9 +365,9 @@ def verify(
     from ..verify import check_onnx_file, verify_onnx
     from . import render
 
-    check_onnx_file(onnx_path)  # before SOURCE is loaded and probed: a wrong --onnx is said at once
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     ranges = [parse_range(r) for r in input_range] if input_range else None
+    check_onnx_file(onnx_path)  # before SOURCE is loaded and probed: a wrong --onnx is said at once
     if report is not None:
         data = onnx_path.with_name(f"{onnx_path.name}.data")
         check_output(
