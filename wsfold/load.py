@@ -596,8 +596,6 @@ def tensor_digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     from .parallel import each_in_threads
 
     keys = sorted(tensors, key=lambda k: -tensors[k].numel() * tensors[k].element_size())
-    if not keys:
-        return {}
     return dict(zip(keys, each_in_threads(lambda k: tensor_digest(tensors[k]), keys, name="wsfold-digest")))
 
 
