@@ -537,7 +537,7 @@ def _describe_misfit(missing: list[str], unexpected: list[str], shapes: list[str
     for label, items in (
         ("missing", missing),
         ("unexpected", unexpected),
-        ("shape clash (checkpoint vs model)", shapes),
+        ("shape clash" + ("es" if len(shapes) > 1 else "") + " (checkpoint vs model)", shapes),
     ):
         if items:
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""

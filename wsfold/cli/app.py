@@ -293,7 +293,7 @@ InputDtype = Annotated[
     ),
 ]
 StaticBatch = Annotated[
-    bool, typer.Option("--static-batch", help="Fix the batch dimension (dynamic by default; .onnx and .pt2).")
+    bool, typer.Option("--static-batch", help="Fix the batch dimension of the graph written (.onnx, .pt2).")
 ]
 DynamicHW = Annotated[bool, typer.Option("--dynamic-hw", help="Make spatial dimensions dynamic too (.onnx, .pt2).")]
 InputName = Annotated[
