@@ -128,6 +128,42 @@ def test_written_back_keeps_what_the_block_writes_and_stops_its_thread(tmp_path)
     assert not any(t.name == "wsfold-writeback" for t in threading.enumerate())
 
 
+@pytest.mark.parametrize("flag", [[], ["--fsync"]])
+def test_bake_flushes_the_checkpoint_to_disk_before_placing_it_only_with_fsync(tmp_path, monkeypatch, flag):
+    """Without --fsync the file is moved into place complete but not flushed (as torch.save and safetensors
+    write); with it, the file is fsynced in its temporary folder, with its disk writes started as it is
+    written, before it is moved."""
+    import os
+    import threading
+
+    import wsfold.paths
+
+    synced, writeback = [], []
+    real_fsync, real_written_back = os.fsync, wsfold.paths.written_back
+    out = tmp_path / "bit.baked.safetensors"
+
+    def fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), out.exists()))
+        return real_fsync(fd)
+
+    def written_back(folder, every=0.05):
+        writeback.append(threading.current_thread().name)
+        return real_written_back(folder, every)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(wsfold.paths, "written_back", written_back)
+    res = run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", out, "-q", *flag)
+    assert res.exit_code == 0, res.stderr
+    assert wsfold.load_baked(out, arch=arch_spec("bit_tiny")) is not None
+    if flag:
+        assert len(synced) == 1 and len(writeback) == 1
+        synced_path, placed_yet = synced[0]
+        assert ".wsfold-" in synced_path and synced_path.endswith("out.safetensors") and not placed_yet
+    else:
+        assert synced == [] and writeback == []
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
 def test_the_command_line_asks_torch_for_huge_pages_unless_told_otherwise(tmp_path):
     """Set before torch is imported, never over a value the environment already has."""
     from pathlib import Path

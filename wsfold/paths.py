@@ -164,20 +164,24 @@ def place(tmp: Path, out: Path, *, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(out: Path, *, force: bool = False) -> Iterator[Path]:
+def atomic_path(out: Path, *, force: bool = False, durable: bool = False) -> Iterator[Path]:
     """Yield a path in a temporary folder beside ``out`` (where a writer's own temporary files land too: the
-    safetensors writer makes one and renames it); once the block succeeds, fsync the file, give it the usual
-    file mode and move it onto ``out`` (see place). On any failure or interruption the folder goes, with
-    whatever it holds."""
+    safetensors writer makes one and renames it); once the block succeeds, give the file the usual mode and move
+    it onto ``out`` (see place). On any failure or interruption the folder goes, with whatever it holds.
+
+    Readers never see a partial file either way. ``durable`` also flushes the file to disk (fsync, its disk
+    writes started while it is written) before it is moved, so that it survives a power loss too: that waits
+    for the disk, as torch.save, safetensors and cp do not."""
     out = Path(out)
     # The output's own suffix last: some writers check it (torch.export.save warns on anything but .pt2).
     suffix = out.suffix if len(out.suffix) <= 16 else ""
     with temp_folder(out) as folder:
         tmp_path = folder / f"out{suffix}"
-        with written_back(folder):
+        with written_back(folder) if durable else contextlib.nullcontext():
             yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.chmod(tmp_path, file_mode())
         with signals_held():
             place(tmp_path, out, force=force)

@@ -69,6 +69,7 @@ def save_baked(
     input_dtypes: Sequence[torch.dtype | str | None] | torch.dtype | str | None = None,
     dynamic_batch: bool = True,
     dynamic_hw: bool = False,
+    fsync: bool = False,
 ) -> Path:
     """Save a baked model (or the result of :func:`wsfold.prepare`, which brings its reports and source) to
     ``out`` atomically, the format from the suffix; returns the path.
@@ -77,7 +78,10 @@ def save_baked(
       it loads back with :func:`wsfold.load_baked` and the same architecture.
     - ``.pt2``: a torch.export ExportedProgram (input shapes and dtypes as for export_onnx, the batch dynamic
       unless ``dynamic_batch=False``, spatial sizes with ``dynamic_hw``); it loads with torch alone.
-    - ``.pt``: the whole module, pickled; loading it runs code and needs the architecture's classes."""
+    - ``.pt``: the whole module, pickled; loading it runs code and needs the architecture's classes.
+
+    The file is written beside ``out`` and moved into place when complete; ``fsync`` also flushes it to disk
+    first, so that it survives a power loss (see paths.atomic_path)."""
     from .pipeline import Prepared
 
     if isinstance(model, Prepared):
@@ -88,7 +92,7 @@ def save_baked(
         program = exported_program(model, input_shapes, input_dtypes, dynamic_batch, dynamic_hw)
     # Checked first: a writer that runs out of space fails in its own way (torch's .pt2 writer aborts the process).
     _require_space(out, _tensor_bytes(model))
-    with atomic_path(out, force=force) as tmp:
+    with atomic_path(out, force=force, durable=fsync) as tmp:
         try:
             if out.suffix == ".pt":
                 _write_pickle(model, tmp, out)

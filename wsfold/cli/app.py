@@ -220,6 +220,14 @@ def bake(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists (never SOURCE).")] = False,
+    fsync: Annotated[
+        bool,
+        typer.Option(
+            "--fsync",
+            help="Flush OUTPUT to disk before moving it into place, so that it survives a power loss too "
+            "(waits for the disk; without it, OUTPUT is still never seen half-written).",
+        ),
+    ] = False,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     state_key: StateKey = None,
@@ -264,6 +272,7 @@ def bake(
             input_dtypes=input_dtypes,
             dynamic_batch=not static_batch,
             dynamic_hw=dynamic_hw,
+            fsync=fsync,
         )
     if json_output:
         _emit_json({**prepared.to_dict(), "output": str(out)})
