@@ -6,10 +6,12 @@ Builds ResNetV2 GN+WS networks in-process (R50x1; R50x4, a wide network whose fl
 R101x3, a deep one of the same size with about twice the layers, as timm's resnetv2_101x3_bit), writes their
 state-dict checkpoints, and measures, each step in its own process so that peak RSS is that step's alone:
 bake seconds against torch.load + torch.save of the same checkpoint (the I/O floor; medians of --repeat
-alternating runs, each started with the checkpoint in the page cache and no writes pending, so that no run pays
-for the one before it; timed from after the interpreter's start-up to the end of the job, and, as "process", the
-whole process as a shell's `time` shows it), peak RSS (the worst run) against the checkpoint size, eager latency at batch 1 of the baked model against the original and against the same
-architecture built with plain convs, and the export figures of benchmarks/export_bench.py.
+alternating runs, each started with the checkpoint and the imported files in the page cache and no writes
+pending, so that no run pays for the one before it; timed from after the interpreter's start-up to the end of the
+job, and, as "process", the whole process as a shell's `time` shows it), `bake --fsync` (which also waits for the
+disk, as load+save does not) in the same alternation, peak RSS (the worst run) against the checkpoint size, eager
+latency at batch 1 of the baked model against the original and against the same architecture built with plain
+convs, and the export figures of benchmarks/export_bench.py.
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ sys.exit(code)
 
 
 def settle(checkpoint: Path) -> None:
-    """The same start for every run: the checkpoint read into the page cache, and every earlier write on disk
-    (the last run's 1.5 GB output would otherwise be written back during this one)."""
+    """The same start for every run: the checkpoint and the files the interpreter imports (torch's libraries
+    among them: this machine's page cache is at times emptied from outside, and the run after that would read
+    ~1 GB of them from disk) read into the page cache, and every earlier write on disk (the last run's 1.5 GB
+    output would otherwise be written back during this one)."""
+    subprocess.run([sys.executable, "-c", "import torch, wsfold.cli.app, wsfold.pipeline, wsfold.save"], check=True)
     with open(checkpoint, "rb", buffering=0) as fh:
         while fh.read(16 << 20):
             pass
@@ -160,7 +165,7 @@ def main() -> None:
         "--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)} (the last two are 1.5 GB)"
     )
     parser.add_argument("--skip-export", action="store_true")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of load+save and of bake per model")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of load+save and of bake per model")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"models": {}}
@@ -178,21 +183,25 @@ def main() -> None:
         bake_argv += ["--arch-kwargs", json.dumps({"width": MODELS[name][1]}), "-o", str(baked_path), "-q"]
         # Disk writes on a shared machine vary by tens of percent from run to run: alternate the two jobs,
         # compare medians of the times, and keep the worst peak RSS.
-        floors, bakes = [], []
+        # `bake --fsync` also waits for the disk (load+save does not): measured alongside, not in the ratio.
+        floors, bakes, durables = [], [], []
         for _ in range(args.repeat):
             settle(ckpt)
             floors.append(measured(str(loadsave), str(ckpt), str(args.out / f"{name}.copy.pt")))
             (args.out / f"{name}.copy.pt").unlink()
-            baked_path.unlink(missing_ok=True)
-            settle(ckpt)
-            bakes.append(measured(*bake_argv))
-        floor, bake = summary(floors), summary(bakes)
+            for argv, runs in ((bake_argv + ["--fsync"], durables), (bake_argv, bakes)):
+                baked_path.unlink(missing_ok=True)
+                settle(ckpt)
+                runs.append(measured(*argv))
+        floor, bake, durable = summary(floors), summary(bakes), summary(durables)
         lat = latency(name, ckpt, baked_path, runs=60 if name == "resnetv2_50x1" else 15)
         results["models"][name] = {
             "checkpoint_bytes": size,
             "load_save": floor,
             "bake": bake,
+            "bake_fsync": durable,
             "bake_vs_load_save": bake["seconds"] / floor["seconds"],
+            "bake_fsync_vs_load_save": durable["seconds"] / floor["seconds"],
             # the same for the whole processes, interpreter start-up and shutdown included
             "bake_vs_load_save_process": bake["process_seconds"] / floor["process_seconds"],
             # each bake against the load+save run just before it
@@ -214,7 +223,7 @@ def main() -> None:
         results["export"] = json.loads(export_json.read_text())
     header = (
         f"{'model':16} {'ckpt GB':>8} {'load+save s':>11} {'bake s':>7} {'ratio':>6} {'bake RSS GB':>11} "
-        f"{'ratio range':>11} {'process':>7} {'RSS/ckpt':>8} {'l+s RSS/ckpt':>12} {'orig ms':>8} {'baked ms':>8} {'plain ms':>8} {'b/orig':>6} {'b/plain':>7} {'err':>8} {'f64 err orig/baked':>18}"
+        f"{'ratio range':>11} {'process':>7} {'fsync s':>7} {'ratio':>6} {'RSS/ckpt':>8} {'l+s RSS/ckpt':>12} {'orig ms':>8} {'baked ms':>8} {'plain ms':>8} {'b/orig':>6} {'b/plain':>7} {'err':>8} {'f64 err orig/baked':>18}"
     )
     print(header)
     for name, r in results["models"].items():
@@ -223,7 +232,8 @@ def main() -> None:
             f"{name:16} {r['checkpoint_bytes'] / 1e9:8.2f} {r['load_save']['seconds']:11.2f} {r['bake']['seconds']:7.2f} "
             f"{r['bake_vs_load_save']:6.2f} {r['bake']['peak_rss_bytes'] / 1e9:11.2f} "
             f"{min(r['bake_vs_load_save_runs']):5.2f}-{max(r['bake_vs_load_save_runs']):<5.2f} "
-            f"{r['bake_vs_load_save_process']:7.2f} {r['bake_peak_rss_vs_checkpoint']:8.2f} "
+            f"{r['bake_vs_load_save_process']:7.2f} {r['bake_fsync']['seconds']:7.2f} {r['bake_fsync_vs_load_save']:6.2f} "
+            f"{r['bake_peak_rss_vs_checkpoint']:8.2f} "
             f"{r['load_save_peak_rss_vs_checkpoint']:12.2f} {lat['original']:8.1f} {lat['baked']:8.1f} {lat['plain']:8.1f} "
             f"{r['baked_vs_original']:6.3f} {r['baked_vs_plain']:7.3f} {r['max_rel_err_baked_vs_original']:8.1e} "
             f"{r['max_rel_err_vs_float64']['original']:8.1e}/{r['max_rel_err_vs_float64']['baked']:8.1e}"
