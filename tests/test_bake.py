@@ -263,3 +263,48 @@ def test_streaming_bake_hands_back_source_pages_and_leaves_the_source_intact(tmp
         assert len(report.baked) == 2 and type(baked[0]) is torch.nn.Conv2d
         assert rel_err(baked(x), expected) < 1e-5 and torch.equal(original(x), expected)
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+
+
+def _resident_pages(t: torch.Tensor) -> int:
+    """How many whole pages of ``t``'s bytes are mapped in (pagemap bit 63)."""
+    import numpy as np
+
+    begin = -(-t.data_ptr() // 4096) * 4096
+    end = (t.data_ptr() + t.numel() * t.element_size()) // 4096 * 4096
+    with open("/proc/self/pagemap", "rb", buffering=0) as fh:
+        fh.seek(begin // 4096 * 8)
+        entries = np.frombuffer(fh.read((end - begin) // 4096 * 8), dtype=np.uint64)
+    return int(np.count_nonzero(entries & np.uint64(1 << 63)))
+
+
+def test_a_model_run_with_released_after_call_keeps_no_weight_resident_after_its_layer_ran(tmp_path):
+    """verify runs the checkpoint's model with each module's memory-mapped weights handed back once it has run:
+    the same outputs, no page of a weight left mapped after the run (each was mapped while its layer ran), and
+    the hooks gone after the block."""
+    import models
+
+    from wsfold.memory import released_after_call
+
+    if sys.platform != "linux" or not Path("/proc/self/pagemap").exists():
+        pytest.skip("pagemap is Linux's")
+    src = tmp_path / "m.pt"
+    torch.manual_seed(0)
+    layers = [models.StdConv2d(64, 128, 3, padding=1), torch.nn.ReLU(), models.StdConv2d(128, 64, 3, padding=1)]
+    torch.save(torch.nn.Sequential(*layers).state_dict(), src)
+    model = torch.nn.Sequential(
+        models.StdConv2d(64, 128, 3, padding=1), torch.nn.ReLU(), models.StdConv2d(128, 64, 3, padding=1)
+    )
+    model.load_state_dict(torch.load(src, mmap=True, weights_only=True), assign=True)
+    weights = [model[0].weight, model[2].weight]
+    x = torch.randn(2, 64, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+        assert all(_resident_pages(w) > 0 for w in weights)
+        seen = []
+        model[2].register_forward_pre_hook(lambda m, a: seen.append(_resident_pages(weights[0])))
+        with released_after_call(model):
+            out = model(x)
+        assert seen == [0]  # the first layer's weight was handed back before the second ran
+        assert [_resident_pages(w) for w in weights] == [0, 0]
+        assert torch.equal(out, expected) and torch.equal(model(x), expected)
+    assert not model[0]._forward_hooks and not model[2]._forward_hooks

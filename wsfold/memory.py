@@ -12,8 +12,10 @@ Anything else (anonymous memory, other systems, older kernels) is left alone.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -127,6 +129,34 @@ def release_file_pages(model: torch.nn.Module) -> None:
         if t.device.type == "cpu" and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             FilePages(t.detach(), mappings).release()
+
+
+@contextlib.contextmanager
+def released_after_call(*models: torch.nn.Module) -> Iterator[None]:
+    """While the block lasts, the file-backed tensors a module owns (a checkpoint loaded with mmap) are handed back
+    as soon as its forward ends: a model run whole then keeps resident the weights of the modules running (a
+    layer and its parents), not all of them. Their pages are mapped again from the page cache when next read."""
+    mappings = file_mappings() if sys.platform.startswith("linux") else []
+    pages: dict[int, list[FilePages]] = {}
+    for model in models:
+        for module in model.modules():
+            own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+            found = [FilePages(t.detach(), mappings) for t in own if t.device.type == "cpu"] if mappings else []
+            if any(f.end for f in found):
+                pages[id(module)] = [f for f in found if f.end]
+
+    def after(module: torch.nn.Module, args: object, output: object) -> None:
+        for found in pages.get(id(module), ()):
+            found.release()
+
+    handles = []
+    try:
+        for model in models:
+            handles += [m.register_forward_hook(after, always_call=True) for m in model.modules() if id(m) in pages]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def trim_heap() -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import VerifyInputError, first_line
 from .inputs import ValueRange, per_input, random_array
-from .memory import release_file_pages, trim_heap
+from .memory import release_file_pages, released_after_call, trim_heap
 from .modeltree import eval_mode, model_dtype, require_module, set_eval, set_submodule, structural_copy, widened_on_call
 from .probe import own_tensors, probe_shapes, run_probe
 
@@ -700,7 +700,9 @@ def verify_onnx(
     graph_outputs = _run_graph(session, feeds)
     del session
     trim_heap()
-    checks = _run_checks(graph_outputs, refs, feeds, input_names, rule, unit, onnx_names)
+    # Each module's memory-mapped weights are handed back once it has run: not all resident at once.
+    with released_after_call(refs.model, refs.model64):
+        checks = _run_checks(graph_outputs, refs, feeds, input_names, rule, unit, onnx_names)
     result = VerificationResult(criterion, samples if not inputs_file else 1, checks, ort_opt_level=ort_opt_level)
     result.input_shapes = [list(v.shape) for v in feeds[0].values()]
     result.reference, more = _reference(prepared, meta, model)
@@ -715,7 +717,9 @@ def verify_onnx(
         release_file_pages(original)
         plain = _run_graph(ort_session(onnx_path, "disable"), feeds)
         trim_heap()
-        cause_is_optimizer = all(c.passed for c in _run_checks(plain, refs, feeds, input_names, rule, unit, onnx_names))
+        with released_after_call(refs.model, refs.model64):
+            checks_plain = _run_checks(plain, refs, feeds, input_names, rule, unit, onnx_names)
+        cause_is_optimizer = all(c.passed for c in checks_plain)
         del plain
     sample = _as_args([feeds[0][name] for name in input_names], model_dtype(original))
     # The per-layer check needs neither the graph's outputs nor the reference models: hand their memory back.
