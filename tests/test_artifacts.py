@@ -152,8 +152,9 @@ def test_bake_flushes_the_checkpoint_to_disk_before_placing_it_only_with_fsync(t
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(wsfold.paths, "written_back", written_back)
-    res = run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", out, "-q", *flag)
+    res = run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", out, "--json", *flag)
     assert res.exit_code == 0, res.stderr
+    assert __import__("json").loads(res.stdout)["fsync"] is bool(flag)  # what the pipeline's log records
     assert wsfold.load_baked(out, arch=arch_spec("bit_tiny")) is not None
     if flag:
         assert len(synced) == 1 and len(writeback) == 1

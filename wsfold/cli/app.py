@@ -225,7 +225,7 @@ def bake(
         typer.Option(
             "--fsync",
             help="Flush OUTPUT to disk before moving it into place, so that it survives a power loss too "
-            "(waits for the disk; without it, OUTPUT is still never seen half-written).",
+            "(waits for the disk). Off by default: OUTPUT is still never seen half-written.",
         ),
     ] = False,
     arch: Arch = None,
@@ -275,7 +275,7 @@ def bake(
             fsync=fsync,
         )
     if json_output:
-        _emit_json({**prepared.to_dict(), "output": str(out)})
+        _emit_json({**prepared.to_dict(), "output": str(out), "fsync": fsync})
     elif not quiet:
         console = _stdout()
         render.notes(console, prepared.notes)
