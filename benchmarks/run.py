@@ -49,11 +49,12 @@ sys.exit(code)
 
 
 def settle(checkpoint: Path) -> None:
-    """The same start for every run: the checkpoint and the files the interpreter imports (torch's libraries
+    """The same start for every run: the checkpoint, and what importing torch and wsfold reads (torch's libraries
     among them: this machine's page cache is at times emptied from outside, and the run after that would read
-    ~1 GB of them from disk) read into the page cache, and every earlier write on disk (the last run's 1.5 GB
+    ~1 GB of them from disk), read into the page cache, and every earlier write on disk (the last run's 1.5 GB
     output would otherwise be written back during this one)."""
-    subprocess.run([sys.executable, "-c", "import torch, wsfold.cli.app, wsfold.pipeline, wsfold.save"], check=True)
+    warm = "import torch, wsfold.cli.app, wsfold.pipeline, wsfold.save"
+    subprocess.run([sys.executable, "-c", warm], check=True, cwd=ROOT)
     with open(checkpoint, "rb", buffering=0) as fh:
         while fh.read(16 << 20):
             pass
@@ -223,7 +224,7 @@ def main() -> None:
         results["export"] = json.loads(export_json.read_text())
     header = (
         f"{'model':16} {'ckpt GB':>8} {'load+save s':>11} {'bake s':>7} {'ratio':>6} {'bake RSS GB':>11} "
-        f"{'ratio range':>11} {'process':>7} {'fsync s':>7} {'ratio':>6} {'RSS/ckpt':>8} {'l+s RSS/ckpt':>12} {'orig ms':>8} {'baked ms':>8} {'plain ms':>8} {'b/orig':>6} {'b/plain':>7} {'err':>8} {'f64 err orig/baked':>18}"
+        f"{'ratio range':>11} {'process':>7} {'fsync s':>7} {'fsync ratio':>11} {'RSS/ckpt':>8} {'l+s RSS/ckpt':>12} {'orig ms':>8} {'baked ms':>8} {'plain ms':>8} {'b/orig':>6} {'b/plain':>7} {'err':>8} {'f64 err orig/baked':>18}"
     )
     print(header)
     for name, r in results["models"].items():
@@ -232,7 +233,7 @@ def main() -> None:
             f"{name:16} {r['checkpoint_bytes'] / 1e9:8.2f} {r['load_save']['seconds']:11.2f} {r['bake']['seconds']:7.2f} "
             f"{r['bake_vs_load_save']:6.2f} {r['bake']['peak_rss_bytes'] / 1e9:11.2f} "
             f"{min(r['bake_vs_load_save_runs']):5.2f}-{max(r['bake_vs_load_save_runs']):<5.2f} "
-            f"{r['bake_vs_load_save_process']:7.2f} {r['bake_fsync']['seconds']:7.2f} {r['bake_fsync_vs_load_save']:6.2f} "
+            f"{r['bake_vs_load_save_process']:7.2f} {r['bake_fsync']['seconds']:7.2f} {r['bake_fsync_vs_load_save']:11.2f} "
             f"{r['bake_peak_rss_vs_checkpoint']:8.2f} "
             f"{r['load_save_peak_rss_vs_checkpoint']:12.2f} {lat['original']:8.1f} {lat['baked']:8.1f} {lat['plain']:8.1f} "
             f"{r['baked_vs_original']:6.3f} {r['baked_vs_plain']:7.3f} {r['max_rel_err_baked_vs_original']:8.1e} "

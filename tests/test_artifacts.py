@@ -132,7 +132,7 @@ def test_written_back_keeps_what_the_block_writes_and_stops_its_thread(tmp_path)
 def test_bake_flushes_the_checkpoint_to_disk_before_placing_it_only_with_fsync(tmp_path, monkeypatch, flag):
     """Without --fsync the file is moved into place complete but not flushed (as torch.save and safetensors
     write); with it, the file is fsynced in its temporary folder, with its disk writes started as it is
-    written, before it is moved."""
+    written, before it is moved, and its folder after."""
     import os
     import threading
 
@@ -157,9 +157,10 @@ def test_bake_flushes_the_checkpoint_to_disk_before_placing_it_only_with_fsync(t
     assert __import__("json").loads(res.stdout)["fsync"] is bool(flag)  # what the pipeline's log records
     assert wsfold.load_baked(out, arch=arch_spec("bit_tiny")) is not None
     if flag:
-        assert len(synced) == 1 and len(writeback) == 1
+        assert len(synced) == 2 and len(writeback) == 1
         synced_path, placed_yet = synced[0]
         assert ".wsfold-" in synced_path and synced_path.endswith("out.safetensors") and not placed_yet
+        assert synced[1] == (str(tmp_path), True)  # then the folder, for the new name
     else:
         assert synced == [] and writeback == []
     assert [p.name for p in tmp_path.iterdir()] == [out.name]

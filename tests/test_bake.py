@@ -301,10 +301,34 @@ def test_a_model_run_with_released_after_call_keeps_no_weight_resident_after_its
         expected = model(x)
         assert all(_resident_pages(w) > 0 for w in weights)
         seen = []
-        model[2].register_forward_pre_hook(lambda m, a: seen.append(_resident_pages(weights[0])))
+        model[2].register_forward_pre_hook(
+            lambda m, a: seen.append((_resident_pages(weights[0]), len(model[0]._forward_hooks)))
+        )
         with released_after_call(model):
             out = model(x)
-        assert seen == [0]  # the first layer's weight was handed back before the second ran
+        # The first layer's weight was handed back before the second ran, with no hook on the layer itself
+        # (a module with hooks may run another code path: nn.TransformerEncoderLayer's fast path is off).
+        assert seen == [(0, 0)]
         assert [_resident_pages(w) for w in weights] == [0, 0]
         assert torch.equal(out, expected) and torch.equal(model(x), expected)
-    assert not model[0]._forward_hooks and not model[2]._forward_hooks
+    assert not torch.nn.modules.module._global_forward_hooks
+
+
+def test_a_hook_registered_on_a_structural_copy_never_reaches_the_original():
+    """verify and bake register hooks on their copies of the user's model (which share its tensors): the user's
+    model must not carry them, while the hooks the user's model had still run on the copy."""
+    from wsfold.modeltree import structural_copy
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    calls = []
+    model[0].register_forward_hook(lambda m, a, o: calls.append("user's"))
+    copy = structural_copy(model)
+    handle = copy[0].register_forward_hook(lambda m, a, o: calls.append("copy's"))
+    copy[1].register_forward_pre_hook(lambda m, a: calls.append("copy's pre"))
+    with torch.no_grad():
+        model(torch.ones(1, 3))
+        assert calls == ["user's"]
+        copy(torch.ones(1, 3))
+    assert calls == ["user's", "user's", "copy's", "copy's pre"]
+    handle.remove()
+    assert len(model[0]._forward_hooks) == 1 and not model[1]._forward_pre_hooks

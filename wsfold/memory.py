@@ -133,9 +133,11 @@ def release_file_pages(model: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def released_after_call(*models: torch.nn.Module) -> Iterator[None]:
-    """While the block lasts, the file-backed tensors a module owns (a checkpoint loaded with mmap) are handed back
-    as soon as its forward ends: a model run whole then keeps resident the weights of the modules running (a
-    layer and its parents), not all of them. Their pages are mapped again from the page cache when next read."""
+    """While the block lasts, the file-backed tensors a module of ``models`` owns (a checkpoint loaded with mmap)
+    are handed back as soon as its forward ends: a model run whole then keeps resident the weights of the modules
+    running (a layer and its parents), not all of them. Their pages are mapped again from the page cache when
+    next read. One global module hook, not one per module: a module with hooks of its own runs another code path
+    (nn.TransformerEncoderLayer's fast path is off), and the models' hook tables may be shared with others'."""
     mappings = file_mappings() if sys.platform.startswith("linux") else []
     pages: dict[int, list[FilePages]] = {}
     for model in models:
@@ -149,14 +151,14 @@ def released_after_call(*models: torch.nn.Module) -> Iterator[None]:
         for found in pages.get(id(module), ()):
             found.release()
 
-    handles = []
+    if not pages:
+        yield
+        return
+    handle = torch.nn.modules.module.register_module_forward_hook(after, always_call=True)
     try:
-        for model in models:
-            handles += [m.register_forward_hook(after, always_call=True) for m in model.modules() if id(m) in pages]
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
 
 
 def trim_heap() -> None:

@@ -41,13 +41,18 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def copy_module(module: nn.Module) -> nn.Module:
-    """A new module object with its own parameter/buffer/child tables (the tensors and children are shared)."""
+    """A new module object with its own parameter/buffer/child tables (the tensors and children are shared) and
+    its own hook tables (holding the hooks the module has): a hook registered on the copy never reaches the
+    original."""
     # Not copy.copy: a parametrized module refuses __getstate__ (torch.nn.utils.parametrize).
     clone = object.__new__(type(module))
     clone.__dict__.update(module.__dict__)
     clone._parameters = dict(module._parameters)
     clone._buffers = dict(module._buffers)
     clone._modules = dict(module._modules)
+    for key, value in module.__dict__.items():
+        if "hook" in key and isinstance(value, dict):
+            clone.__dict__[key] = type(value)(value)
     return clone
 
 

@@ -170,8 +170,8 @@ def atomic_path(out: Path, *, force: bool = False, durable: bool = False) -> Ite
     it onto ``out`` (see place). On any failure or interruption the folder goes, with whatever it holds.
 
     Readers never see a partial file either way. ``durable`` also flushes the file to disk (fsync, its disk
-    writes started while it is written) before it is moved, so that it survives a power loss too: that waits
-    for the disk, as torch.save, safetensors and cp do not."""
+    writes started while it is written) before it is moved, and the folder after, so that it survives a power
+    loss too: that waits for the disk, as torch.save, safetensors and cp do not."""
     out = Path(out)
     # The output's own suffix last: some writers check it (torch.export.save warns on anything but .pt2).
     suffix = out.suffix if len(out.suffix) <= 16 else ""
@@ -185,6 +185,27 @@ def atomic_path(out: Path, *, force: bool = False, durable: bool = False) -> Ite
         os.chmod(tmp_path, file_mode())
         with signals_held():
             place(tmp_path, out, force=force)
+        if durable:
+            sync_folder(out.parent)  # the new name itself, or a power loss could still lose it
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that names just linked or renamed into it are on disk; nothing on a file system that
+    cannot (EINVAL, ENOTSUP) or a system without folder handles."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(folder, flags)
+    except OSError as exc:
+        if sys.platform.startswith("win"):
+            return
+        raise OSError(exc.errno, exc.strerror, str(folder)) from None
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(exc.errno, exc.strerror, str(folder)) from None
+    finally:
+        os.close(fd)
 
 
 _SYNC_FILE_RANGE_WRITE = 2
