@@ -122,13 +122,17 @@ def release_file_pages(model: torch.nn.Module) -> None:
     with mmap): their content is kept, and they are mapped again from the file when next read. Until then the
     memory is free for other work (verify's onnxruntime session)."""
     mappings = file_mappings() if sys.platform.startswith("linux") else []
+    unique = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.device.type == "cpu"}
+    for found in _file_pages(list(unique.values()), mappings):
+        found.release()
+
+
+def _file_pages(tensors: list[torch.Tensor | None], mappings: list[tuple[int, int]]) -> list[FilePages]:
+    """FilePages of those CPU ``tensors`` that lie in one of the file ``mappings``."""
     if not mappings:
-        return
-    seen = set()
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type == "cpu" and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            FilePages(t.detach(), mappings).release()
+        return []
+    found = [FilePages(t.detach(), mappings) for t in tensors if t is not None and t.device.type == "cpu"]
+    return [f for f in found if f.end]
 
 
 @contextlib.contextmanager
@@ -137,15 +141,14 @@ def released_after_call(*models: torch.nn.Module) -> Iterator[None]:
     are handed back as soon as its forward ends: a model run whole then keeps resident the weights of the modules
     running (a layer and its parents), not all of them. Their pages are mapped again from the page cache when
     next read. One global module hook, not one per module: a module with hooks of its own runs another code path
-    (nn.TransformerEncoderLayer's fast path is off), and the models' hook tables may be shared with others'."""
+    (nn.TransformerEncoderLayer's fast path is off)."""
     mappings = file_mappings() if sys.platform.startswith("linux") else []
     pages: dict[int, list[FilePages]] = {}
     for model in models:
         for module in model.modules():
-            own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
-            found = [FilePages(t.detach(), mappings) for t in own if t.device.type == "cpu"] if mappings else []
-            if any(f.end for f in found):
-                pages[id(module)] = [f for f in found if f.end]
+            found = _file_pages([*module._parameters.values(), *module._buffers.values()], mappings)
+            if found:
+                pages[id(module)] = found
 
     def after(module: torch.nn.Module, args: object, output: object) -> None:
         for found in pages.get(id(module), ()):

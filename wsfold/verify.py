@@ -559,7 +559,12 @@ def _run_checks(
     graph_outputs: list[list[np.ndarray]], refs: _References, feeds, input_names, rule, unit, onnx_names
 ) -> list[OutputCheck]:
     """The graph's outputs (computed before, without the checkpoint's model running) against the checkpoint's,
-    feed by feed."""
+    feed by feed. Each module's memory-mapped weights are handed back once it has run: not all resident at once."""
+    with released_after_call(refs.model, refs.model64):
+        return _checks(graph_outputs, refs, feeds, input_names, rule, unit, onnx_names)
+
+
+def _checks(graph_outputs, refs: _References, feeds, input_names, rule, unit, onnx_names) -> list[OutputCheck]:
     checks: list[OutputCheck] = []
     for feed, outs in zip(feeds, graph_outputs):
         arrays = [feed[name] for name in input_names]
@@ -700,9 +705,7 @@ def verify_onnx(
     graph_outputs = _run_graph(session, feeds)
     del session
     trim_heap()
-    # Each module's memory-mapped weights are handed back once it has run: not all resident at once.
-    with released_after_call(refs.model, refs.model64):
-        checks = _run_checks(graph_outputs, refs, feeds, input_names, rule, unit, onnx_names)
+    checks = _run_checks(graph_outputs, refs, feeds, input_names, rule, unit, onnx_names)
     result = VerificationResult(criterion, samples if not inputs_file else 1, checks, ort_opt_level=ort_opt_level)
     result.input_shapes = [list(v.shape) for v in feeds[0].values()]
     result.reference, more = _reference(prepared, meta, model)
@@ -717,9 +720,7 @@ def verify_onnx(
         release_file_pages(original)
         plain = _run_graph(ort_session(onnx_path, "disable"), feeds)
         trim_heap()
-        with released_after_call(refs.model, refs.model64):
-            checks_plain = _run_checks(plain, refs, feeds, input_names, rule, unit, onnx_names)
-        cause_is_optimizer = all(c.passed for c in checks_plain)
+        cause_is_optimizer = all(c.passed for c in _run_checks(plain, refs, feeds, input_names, rule, unit, onnx_names))
         del plain
     sample = _as_args([feeds[0][name] for name in input_names], model_dtype(original))
     # The per-layer check needs neither the graph's outputs nor the reference models: hand their memory back.
