@@ -166,6 +166,21 @@ def test_bake_flushes_the_checkpoint_to_disk_before_placing_it_only_with_fsync(t
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
+def test_a_failed_flush_names_the_output_exit_2_with_nothing_left(tmp_path, monkeypatch):
+    """The disk refusing the fsync of --fsync is the system's refusal (exit 2), said with OUT's name."""
+    import errno
+    import os
+
+    def fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "bit.baked.safetensors"
+    res = run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", out, "--fsync", "-q")
+    assert res.exit_code == 2 and f"the system refused ({out})" in res.stderr, res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_command_line_asks_torch_for_huge_pages_unless_told_otherwise(tmp_path):
     """Set before torch is imported, never over a value the environment already has."""
     from pathlib import Path

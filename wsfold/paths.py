@@ -181,7 +181,10 @@ def atomic_path(out: Path, *, force: bool = False, durable: bool = False) -> Ite
             yield tmp_path
         if durable:
             with open(tmp_path, "rb+") as fh:
-                os.fsync(fh.fileno())
+                try:
+                    os.fsync(fh.fileno())
+                except OSError as exc:  # named after OUT: the temporary file is gone when this is said
+                    raise OSError(exc.errno, exc.strerror, str(out)) from None
         os.chmod(tmp_path, file_mode())
         with signals_held():
             place(tmp_path, out, force=force)
