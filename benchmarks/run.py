@@ -166,7 +166,9 @@ def main() -> None:
         "--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)} (the last two are 1.5 GB)"
     )
     parser.add_argument("--skip-export", action="store_true")
-    parser.add_argument("--repeat", type=int, default=5, help="runs of load+save and of bake per model")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="runs of load+save, of bake --fsync and of bake per model"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"models": {}}

@@ -195,13 +195,9 @@ def atomic_path(out: Path, *, force: bool = False, durable: bool = False) -> Ite
 def sync_folder(folder: Path) -> None:
     """fsync a folder, so that names just linked or renamed into it are on disk; nothing on a file system that
     cannot (EINVAL, ENOTSUP) or a system without folder handles."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(folder, flags)
-    except OSError as exc:
-        if sys.platform.startswith("win"):
-            return
-        raise OSError(exc.errno, exc.strerror, str(folder)) from None
+    if not hasattr(os, "O_DIRECTORY"):
+        return  # no folder handles (Windows)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))  # its error names the folder
     try:
         os.fsync(fd)
     except OSError as exc:
