@@ -9,7 +9,8 @@ bake seconds against torch.load + torch.save of the same checkpoint (the I/O flo
 alternating runs, each started with the checkpoint and the imported files in the page cache and no writes
 pending, so that no run pays for the one before it; timed from after the interpreter's start-up to the end of the
 job, and, as "process", the whole process as a shell's `time` shows it), `bake --fsync` (which also waits for the
-disk, as load+save does not) in the same alternation, peak RSS (the worst run) against the checkpoint size, eager
+disk, as load+save does not) in the same alternation (each run is printed with the CPU time the hypervisor
+gave other guests meanwhile, /proc/stat's steal: the spread on a shared machine), peak RSS (the worst run) against the checkpoint size, eager
 latency at batch 1 of the baked model against the original and against the same architecture built with plain
 convs, and the export figures of benchmarks/export_bench.py.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -65,14 +67,33 @@ def measured(*argv: str) -> dict:
     """Run argv in a fresh interpreter; its wall time from after the interpreter's start-up to the end of the job
     (``seconds``), the whole process's wall time as a shell's ``time`` shows it, start-up and shutdown included
     (``process_seconds``), and its peak RSS."""
+    steal, children = host_steal_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", RUNNER, *argv], capture_output=True, text=True, cwd=ROOT)
     whole = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    steal = host_steal_seconds() - steal
     line = next((x for x in proc.stderr.splitlines() if x.startswith("MEASURE")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{argv} failed:\n{proc.stderr[-2000:]}")
     _, secs, rss, _ = line.split()
-    return {"seconds": float(secs), "process_seconds": whole, "peak_rss_bytes": int(rss)}
+    return {
+        "seconds": float(secs),
+        "process_seconds": whole,
+        "peak_rss_bytes": int(rss),
+        "cpu_seconds": cpu,
+        "host_steal_seconds": steal,
+    }
+
+
+def host_steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests so far, summed over this machine's CPUs (/proc/stat)."""
+    try:
+        fields = open("/proc/stat").readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def summary(runs: list[dict]) -> dict:
@@ -209,6 +230,9 @@ def main() -> None:
             "bake_vs_load_save_process": bake["process_seconds"] / floor["process_seconds"],
             # each bake against the load+save run just before it
             "bake_vs_load_save_runs": [b["seconds"] / f["seconds"] for b, f in zip(bakes, floors)],
+            "bake_vs_load_save_pair_median": statistics.median(
+                b["seconds"] / f["seconds"] for b, f in zip(bakes, floors)
+            ),
             "bake_peak_rss_vs_checkpoint": bake["peak_rss_bytes"] / size,
             "load_save_peak_rss_vs_checkpoint": floor["peak_rss_bytes"] / size,
             **lat,
@@ -240,6 +264,16 @@ def main() -> None:
             f"{r['load_save_peak_rss_vs_checkpoint']:12.2f} {lat['original']:8.1f} {lat['baked']:8.1f} {lat['plain']:8.1f} "
             f"{r['baked_vs_original']:6.3f} {r['baked_vs_plain']:7.3f} {r['max_rel_err_baked_vs_original']:8.1e} "
             f"{r['max_rel_err_vs_float64']['original']:8.1e}/{r['max_rel_err_vs_float64']['baked']:8.1e}"
+        )
+    for name, r in results["models"].items():
+        # Every run, so that the spread is there to see, with the CPU time the host gave other guests meanwhile.
+        print(f"\n{name}: each run, seconds (host steal during the run, CPU seconds summed over the CPUs)")
+        for label, key in (("load+save", "load_save"), ("bake", "bake"), ("bake --fsync", "bake_fsync")):
+            cells = [f"{x['seconds']:.2f} ({x['host_steal_seconds']:.2f})" for x in r[key]["runs"]]
+            print(f"  {label:13} {'  '.join(cells)}")
+        print(
+            f"  bake / load+save before it: {' '.join(f'{x:.2f}' for x in r['bake_vs_load_save_runs'])}, median "
+            f"{r['bake_vs_load_save_pair_median']:.2f}"
         )
     if "export" in results:
         print("\nexport (ResNetV2-50x1):")
