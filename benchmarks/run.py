@@ -9,10 +9,10 @@ bake seconds against torch.load + torch.save of the same checkpoint (the I/O flo
 alternating runs, each started with the checkpoint and the imported files in the page cache and no writes
 pending, so that no run pays for the one before it; timed from after the interpreter's start-up to the end of the
 job, and, as "process", the whole process as a shell's `time` shows it), `bake --fsync` (which also waits for the
-disk, as load+save does not) in the same alternation (each run is printed with the CPU time the hypervisor
-gave other guests meanwhile, /proc/stat's steal: the spread on a shared machine), peak RSS (the worst run) against the checkpoint size, eager
-latency at batch 1 of the baked model against the original and against the same architecture built with plain
-convs, and the export figures of benchmarks/export_bench.py.
+disk, as load+save does not) in the same alternation, every run printed with the CPU time the hypervisor gave
+other guests meanwhile (/proc/stat's steal: the spread on a shared machine), peak RSS (the worst run) against the
+checkpoint size, eager latency at batch 1 of the baked model against the original and against the same
+architecture built with plain convs, and the export figures of benchmarks/export_bench.py.
 """
 
 from __future__ import annotations
