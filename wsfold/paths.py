@@ -276,6 +276,8 @@ def temp_folder(beside: Path) -> Iterator[Path]:
     try:
         with signals_held():  # a stop signal between mkdtemp and this block would leave the folder behind
             folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=Path(beside).parent))
+            # mkdtemp's 0700 less the umask: a umask such as 0277 would leave our own folder unwritable to us.
+            os.chmod(folder, 0o700)
         yield folder
     finally:
         if folder is not None:

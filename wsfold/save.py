@@ -125,9 +125,18 @@ def _require_space(out: Path, need: int) -> None:
         return  # unknown: the write itself will tell
     if free < need:
         raise OutputError(
-            f"{out.parent} has {free / 1e6:.0f} MB free; the baked model needs about {need / 1e6:.0f} MB.",
+            f"{out.parent} has {size_text(free)} free; the baked model needs about {size_text(need)}.",
             "free some space there, or write the output elsewhere with -o.",
         )
+
+
+def size_text(n: int) -> str:
+    """A byte count as people read it: 0 bytes, 812 bytes, 4.1 kB, 356 MB, 1.53 GB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= 0.9995 * size:  # what rounds to 1 of the unit or more
+            value = n / size
+            return f"{value:.3g} {unit}" if value < 999.5 else f"{value:.0f} {unit}"
+    return f"{n} byte{'' if n == 1 else 's'}"
 
 
 def _out_of_space(exc: BaseException, out: Path) -> bool:

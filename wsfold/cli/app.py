@@ -44,7 +44,12 @@ def _main(
 Source = Annotated[
     Path,
     typer.Argument(
-        help="Checkpoint: .pt/.pth/.bin (state dict or training checkpoint) or .safetensors.", show_default=False
+        help=(
+            "Checkpoint: .pt/.pth/.bin (state dict or training checkpoint), .safetensors, a model directory "
+            "(transformers' save_pretrained, timm's save_for_hf), or a .pt2 torch.export program "
+            "(needs --allow-pickle)."
+        ),
+        show_default=False,
     ),
 ]
 Arch = Annotated[
