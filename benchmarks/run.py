@@ -267,7 +267,7 @@ def main() -> None:
         )
     for name, r in results["models"].items():
         # Every run, so that the spread is there to see, with the CPU time the host gave other guests meanwhile.
-        print(f"\n{name}: each run, seconds (host steal during the run, CPU seconds summed over the CPUs)")
+        print(f"\n{name}: each run in seconds (in brackets: CPU seconds the hypervisor gave other guests meanwhile)")
         for label, key in (("load+save", "load_save"), ("bake", "bake"), ("bake --fsync", "bake_fsync")):
             cells = [f"{x['seconds']:.2f} ({x['host_steal_seconds']:.2f})" for x in r[key]["runs"]]
             print(f"  {label:13} {'  '.join(cells)}")
