@@ -1096,6 +1096,7 @@ def test_verify_says_what_it_compared_against(tmp_path):
     assert res.exit_code == 0, res.stderr
     reference = json.loads(res.stdout)["reference"]
     assert str(src) in reference and sha(src)[:16] in reference, reference
+    assert json.loads(res.stdout)["reference_sha256"] == sha(src)
     # An already baked file says so: the graph is then compared with baked weights, not the original ones.
     baked = tmp_path / "baked.safetensors"
     assert run("bake", src, "--arch", spec, "-o", baked, "-q").exit_code == 0
@@ -1103,6 +1104,7 @@ def test_verify_says_what_it_compared_against(tmp_path):
     assert res.exit_code == 0, res.stderr
     payload = json.loads(res.stdout)
     assert "already baked" in payload["reference"], payload["reference"]
+    assert payload["reference_sha256"] == sha(baked)
     assert any("not from this SOURCE" in w for w in payload["warnings"]), payload["warnings"]
 
 

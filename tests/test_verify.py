@@ -191,6 +191,23 @@ def test_real_inputs_and_report_file(exported, tmp_path):
     assert payload["passed"] is True and payload["input_shapes"] == [[4, 3, 12, 12]]
 
 
+def test_the_report_names_every_batch_and_the_shape_the_worst_error_is_in(exported):
+    """A dynamic batch is checked at 1 and 3: each batch's input shapes are listed, and each output's shape is
+    the one of the batch its worst_index points into."""
+    result = verify("variants", exported["variants"], "--samples", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    batches = payload["batch_input_shapes"]
+    assert payload["input_shapes"] == batches[0]
+    assert sorted({b[0][0] for b in batches}) == [1, 3], batches
+    for out in payload["outputs"]:
+        assert len(out["worst_index"]) == len(out["shape"])
+        assert all(0 <= i < n for i, n in zip(out["worst_index"], out["shape"])), out
+        assert out["shape"][0] in (1, 3)
+    text = verify("variants", exported["variants"], "--samples", "2")
+    assert text.exit_code == 0 and f"{len(batches)} batch(es) of inputs 1x3x" in text.stdout, text.stdout
+
+
 def test_allclose_rule_with_atol_rtol(exported):
     strict = verify("variants", exported["variants"], "--atol", "0", "--rtol", "0", "--json")
     # This chain of nine WS layers amplifies float32 noise to ~0.02 absolute on outputs of ~60.

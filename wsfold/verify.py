@@ -102,8 +102,10 @@ class VerificationResult:
     ort_opt_level: str = "all"
     cause: str | None = None
     hint: str | None = None
-    input_shapes: list[list[int]] = field(default_factory=list)
+    input_shapes: list[list[int]] = field(default_factory=list)  # each input's shape in the first batch
+    batch_input_shapes: list[list[list[int]]] = field(default_factory=list)  # the same for every batch run
     reference: str = ""  # what the graph was compared against
+    reference_sha256: str | None = None  # the whole sha256 of SOURCE's file (None: a model or a directory)
     notes: list[str] = field(default_factory=list)  # warnings that are not about one output
 
     @property
@@ -133,11 +135,13 @@ class VerificationResult:
             "samples": self.samples,
             "ort_opt_level": self.ort_opt_level,
             "input_shapes": self.input_shapes,
+            "batch_input_shapes": self.batch_input_shapes,
             "outputs": [o.to_dict() for o in self.outputs],
             "layers": [layer.to_dict() for layer in self.layers],
             "cause": self.cause,
             "hint": self.hint,
             "reference": self.reference,
+            "reference_sha256": self.reference_sha256,
             "warnings": self.warnings,
         }
 
@@ -263,6 +267,7 @@ def _compare(
     max_abs = float(diff.max()) if diff.numel() else 0.0
     if max_abs >= check.max_abs_error:
         check.max_abs_error = max_abs
+        check.shape = list(o.shape)  # the batch worst_index points into
         if diff.numel():
             check.worst_index = [int(v) for v in np.unravel_index(int(diff.argmax()), tuple(diff.shape))]
     denom = torch.clamp(r32.abs(), min=1e-3 * scale if scale > 0 else 1e-30)
@@ -600,7 +605,7 @@ def _checks(graph_outputs, refs: _References, feeds, input_names, rule, unit, on
                         f"the ONNX graph has {len(outs)} output(s), the checkpoint's model {len(ref)}"
                     )
                 continue
-            check.shape = list(outs[i].shape)
+            check.shape = check.shape or list(outs[i].shape)
             _compare(outs[i], ref[i], ref64[i], check, rule, unit, None if ref_g is None else ref_g[i])
     return checks
 
@@ -707,8 +712,9 @@ def verify_onnx(
     trim_heap()
     checks = _run_checks(graph_outputs, refs, feeds, input_names, rule, unit, onnx_names)
     result = VerificationResult(criterion, samples if not inputs_file else 1, checks, ort_opt_level=ort_opt_level)
-    result.input_shapes = [list(v.shape) for v in feeds[0].values()]
-    result.reference, more = _reference(prepared, meta, model)
+    result.batch_input_shapes = [[list(v.shape) for v in feed.values()] for feed in feeds]
+    result.input_shapes = result.batch_input_shapes[0]
+    result.reference, more, result.reference_sha256 = _reference(prepared, meta, model)
     result.notes = notes + more
     if refs.graph_dtype is not None:
         result.reference += f"; the graph computes in {str(refs.graph_dtype).removeprefix('torch.')}, so the "
@@ -796,16 +802,17 @@ def _accepted_growth(session, model, shapes, default, value_ranges, notes: list[
     return 0
 
 
-def _reference(prepared: Prepared | None, meta: dict[str, str], model: nn.Module) -> tuple[str, list[str]]:
-    """What the graph is compared against, in words, and a note when the graph says it came from another file."""
+def _reference(prepared: Prepared | None, meta: dict[str, str], model: nn.Module) -> tuple[str, list[str], str | None]:
+    """What the graph is compared against, in words, a note when the graph says it came from another file, and
+    the sha256 of SOURCE's file (None for a model handed in or a directory)."""
     from .load import file_sha256
 
     dtype = str(model_dtype(model)).removeprefix("torch.")
     source = prepared.source if prepared is not None else None
     if source is None:
-        return f"the model handed to verify_onnx, in PyTorch at {dtype} and in float64", []
+        return f"the model handed to verify_onnx, in PyTorch at {dtype} and in float64", [], None
     if source.is_dir():
-        return f"the model directory {source}, in PyTorch at {dtype} and in float64", []
+        return f"the model directory {source}, in PyTorch at {dtype} and in float64", [], None
     digest = file_sha256(source)
     loaded = prepared.loaded
     if loaded is not None and loaded.manifest is not None:
@@ -822,7 +829,7 @@ def _reference(prepared: Prepared | None, meta: dict[str, str], model: nn.Module
             f"the graph was exported from {meta.get('wsfold_source', 'another file')} with sha256 "
             f"{meta['wsfold_source_sha256'][:16]}, not from this SOURCE"
         )
-    return f"{what}, in PyTorch at {dtype} and in float64", notes
+    return f"{what}, in PyTorch at {dtype} and in float64", notes, digest
 
 
 def _baked_candidates(original: nn.Module, detection: Detection, fold_state: str | None, prepared: Prepared | None):

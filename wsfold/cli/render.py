@@ -103,7 +103,9 @@ def verification(console: Console, result) -> None:
         console.print(f"[yellow]warning[/] {warning}", highlight=False)
     console.print(f"compared against: {result.reference}", highlight=False)
     console.print(
-        f"criterion: {result.criterion}; {result.samples} sample(s), inputs {result.input_shapes}", highlight=False
+        f"criterion: {result.criterion}; {result.samples} sample(s), {len(result.batch_input_shapes)} batch(es) "
+        f"of inputs {'; '.join(_shapes(b) for b in _distinct(result.batch_input_shapes))}",
+        highlight=False,
     )
     if result.passed:
         console.print("[green]verification passed[/]")
@@ -126,3 +128,11 @@ def folding(console: Console, report, *, would: bool) -> None:
         console.print(f"{verb} {entry.norm} into {entry.into} ({entry.kind})", highlight=False)
     for entry in report.not_folded:
         console.print(f"[dim]not folded[/] {entry.name}: {entry.reason}", highlight=False)
+
+
+def _shapes(batch: list[list[int]]) -> str:
+    return ", ".join("x".join(map(str, shape)) for shape in batch)
+
+
+def _distinct(items: list) -> list:
+    return [x for i, x in enumerate(items) if x not in items[:i]]
