@@ -94,7 +94,7 @@ def test_no_fold_flag_and_inspect_preview(tmp_path):
     preview = run("inspect", ckpt("ws_bn"), "--arch", arch_spec("ws_bn"), "--json")
     assert [f["norm"] for f in json.loads(preview.stdout)["folded"]] == ["1", "5"]
     human = run("inspect", ckpt("ws_bn"), "--arch", arch_spec("ws_bn"))
-    assert "would fold 1 into 0 (batchnorm)" in human.stdout
+    assert "would fold 1 into 0, 5 into 4 (batchnorm)" in human.stdout
 
 
 def test_folded_safetensors_loads_back_with_the_architecture(tmp_path):
@@ -123,3 +123,33 @@ def test_torch_fuse_conv_bn_on_a_ws_conv_is_the_trap_wsfold_avoids():
         ours = folded[1](folded[0](x))
     assert rel_err(naive, expected) > 1e-2
     assert rel_err(ours, expected) < 1e-5
+
+
+def test_the_terminal_says_alike_normalizers_in_one_line_and_json_lists_each():
+    """A deep network has a hundred normalizers not folded for the same reason: one line says so, with the first
+    names and the count; a reason met once, or a kind of fold, keeps its own line."""
+    import io
+
+    from rich.console import Console
+
+    from wsfold.cli import render
+    from wsfold.fold import Folded, FoldReport, NotFolded
+
+    same = "its statistics depend on the input at inference; relu stands between it and the next conv/linear"
+    report = FoldReport(
+        folded=[Folded(f"b{i}.bn", f"b{i}.conv", "batchnorm") for i in range(5)]
+        + [Folded("n", "c", "per-channel affine")],
+        not_folded=[NotFolded(f"s{i}.norm", same) for i in range(49)]
+        + [NotFolded("bn", "the output of conv also feeds add")],
+    )
+    out = io.StringIO()
+    render.folding(Console(file=out, width=1000, color_system=None), report, would=False)
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "folded b0.bn into b0.conv, b1.bn into b1.conv, b2.bn into b2.conv and 2 more (5 in all, --json lists each; "
+        "batchnorm)",
+        "folded n into c (per-channel affine)",
+        f"not folded s0.norm, s1.norm, s2.norm and 46 more (49 in all, --json lists each): {same}",
+        "not folded bn: the output of conv also feeds add",
+    ]
+    assert len(report.to_dict()["not_folded"]) == 50

@@ -124,10 +124,28 @@ def folding(console: Console, report, *, would: bool) -> None:
         console.print(f"[yellow]folding skipped[/]: {report.skipped}", highlight=False)
         return
     verb = "would fold" if would else "folded"
-    for entry in report.folded:
-        console.print(f"{verb} {entry.norm} into {entry.into} ({entry.kind})", highlight=False)
-    for entry in report.not_folded:
-        console.print(f"[dim]not folded[/] {entry.name}: {entry.reason}", highlight=False)
+    # One line per kind of fold and per reason: a deep network has a hundred normalizers alike (--json lists each).
+    for kind, group in _grouped(report.folded, lambda e: e.kind):
+        listed, count = _listed([f"{e.norm} into {e.into}" for e in group])
+        console.print(f"{verb} {listed} ({count + '; ' if count else ''}{kind})", highlight=False)
+    for reason, group in _grouped(report.not_folded, lambda e: e.reason):
+        listed, count = _listed([e.name for e in group])
+        console.print(f"[dim]not folded[/] {listed}{f' ({count})' if count else ''}: {reason}", highlight=False)
+
+
+def _grouped(entries, key) -> list[tuple[str, list]]:
+    """Entries grouped by ``key``, groups in the order of their first entry."""
+    groups: dict[str, list] = {}
+    for entry in entries:
+        groups.setdefault(key(entry), []).append(entry)
+    return list(groups.items())
+
+
+def _listed(items: list[str], show: int = 3) -> tuple[str, str]:
+    """The first few items and how many more; with a count to put in brackets ("" when every item is shown)."""
+    if len(items) <= show + 1:
+        return ", ".join(items), ""
+    return f"{', '.join(items[:show])} and {len(items) - show} more", f"{len(items)} in all, --json lists each"
 
 
 def _shapes(batch: list[list[int]]) -> str:
