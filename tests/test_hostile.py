@@ -328,6 +328,56 @@ def test_the_temporary_folder_is_writable_to_its_owner_whatever_the_umask(tmp_pa
     assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o400
 
 
+def _without_root_permissions() -> list[str] | None:
+    """A command prefix under which file permissions apply (root's DAC override dropped), or None when that
+    cannot be had here."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    tool = shutil.which("setpriv")
+    if tool is None or subprocess.run([tool, "--bounding-set", "-dac_override", "true"]).returncode != 0:
+        return None
+    return [tool, "--bounding-set", "-dac_override,-dac_read_search", "--"]
+
+
+@pytest.mark.slow
+def test_every_writer_works_under_umask_0277_with_permissions_enforced(tmp_path):
+    """Under umask 0277 every file and folder wsfold creates is read-only to its owner: each step that writes in
+    its own temporary folders (the exporter's work folder, the fsync of a finished file) must still work. Run
+    with permissions enforced (as root they are not), in a child process."""
+    prefix = _without_root_permissions()
+    if prefix is None:
+        pytest.skip("cannot drop root's permission override here (no setpriv)")
+    src, spec, _ = small_model(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out_dir.chmod(0o777)
+    tmp_path.chmod(0o755)
+    jobs = {
+        "m.safetensors": ["bake", "--fsync"],
+        "m.pt2": ["bake", "--input-shape", "1,3,12,12"],
+        "m.pt": ["bake", "--fsync"],
+        "m.onnx": ["export", "--input-shape", "1,3,12,12"],
+        "x.onnx": ["export", "--input-shape", "1,3,12,12", "--external-data", "--exporter", "torchscript"],
+    }
+    for name, (command, *options) in jobs.items():
+        flag = "--onnx" if command == "export" else "-o"
+        argv = [sys.executable, "-m", "wsfold", command, str(src), "--arch", spec, flag, str(out_dir / name), "-q"]
+
+        def umask_0277() -> None:
+            os.umask(0o277)
+
+        proc = subprocess.run(
+            prefix + argv + options, capture_output=True, text=True, preexec_fn=umask_0277, cwd=tmp_path
+        )
+        assert proc.returncode == 0, (name, proc.stderr)
+        assert stat.S_IMODE((out_dir / name).stat().st_mode) == 0o400, name
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([*jobs, "x.onnx.data"])
+    assert stat.S_IMODE((out_dir / "x.onnx.data").stat().st_mode) == 0o400
+    assert os.umask(0o022) == 0o022  # the test process's own umask was never changed
+
+
 def test_force_keeps_the_umask_mode(tmp_path):
     src, spec, _ = small_model(tmp_path)
     out = tmp_path / "m.pt"
@@ -1371,3 +1421,31 @@ def test_a_full_disk_is_the_systems_refusal_exit_2_with_nothing_left(tmp_path, m
     assert result.exit_code == 2, result.stderr
     assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_users_umask_is_back_after_a_write_and_outputs_follow_it(tmp_path):
+    """owner_may_write relaxes the process's umask for the owner's own bits only while wsfold writes; the
+    user's is back afterwards, also after a failure, and is the one the output's mode follows."""
+    from wsfold.paths import atomic_path, owner_may_write
+
+    old = os.umask(0o237)
+    try:
+        with owner_may_write():
+            assert os.umask(0o237) == 0o037  # (reading the umask means setting it: put the relaxed one back)
+            os.umask(0o037)
+            with owner_may_write():  # nested: nothing more changes
+                pass
+            assert os.umask(0o037) == 0o037
+        assert os.umask(0o237) == 0o237
+        with pytest.raises(RuntimeError):
+            with atomic_path(tmp_path / "a.bin") as tmp:
+                tmp.write_bytes(b"x")
+                raise RuntimeError("writer failed")
+        assert os.umask(0o237) == 0o237
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"x")
+        assert os.umask(0o237) == 0o237
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) == 0o666 & ~0o237
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin"]

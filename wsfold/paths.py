@@ -124,10 +124,37 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
+# The user's umask while owner_may_write() has relaxed the process's.
+_USER_UMASK: list[int] = []
+
+
 def _umask() -> int:
+    """The user's umask (not the relaxed one of owner_may_write)."""
+    if _USER_UMASK:
+        return _USER_UMASK[0]
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def owner_may_write() -> Iterator[None]:
+    """While the block runs, the process's umask leaves the owner's own bits alone: under a umask such as 0277
+    every folder made in wsfold's temporary folder (ours, and the exporters' own temporary folders) would be
+    unwritable to the process that made it. Outputs still get the user's mode (file_mode). The umask is
+    process-wide: another thread creating files meanwhile gets the owner's bits too, nothing more."""
+    if _USER_UMASK:
+        yield
+        return
+    with signals_held():
+        mask = os.umask(0o022)
+        os.umask(mask & ~0o700)
+        _USER_UMASK.append(mask)
+    try:
+        yield
+    finally:
+        with signals_held():
+            os.umask(_USER_UMASK.pop())
 
 
 def file_mode() -> int:
@@ -180,7 +207,9 @@ def atomic_path(out: Path, *, force: bool = False, durable: bool = False) -> Ite
         with written_back(folder) if durable else contextlib.nullcontext():
             yield tmp_path
         if durable:
-            with open(tmp_path, "rb+") as fh:
+            # Read-only: the writer may have created the file without write permission (umask 0277), and
+            # fsync needs none.
+            with open(tmp_path, "rb") as fh:
                 try:
                     os.fsync(fh.fileno())
                 except OSError as exc:  # named after OUT: the temporary file is gone when this is said
@@ -274,11 +303,10 @@ def temp_folder(beside: Path) -> Iterator[Path]:
     with whatever it holds when the block ends, however it ends."""
     folder = None
     try:
-        with signals_held():  # a stop signal between mkdtemp and this block would leave the folder behind
-            folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=Path(beside).parent))
-            # mkdtemp's 0700 less the umask: a umask such as 0277 would leave our own folder unwritable to us.
-            os.chmod(folder, 0o700)
-        yield folder
+        with owner_may_write():
+            with signals_held():  # a stop signal between mkdtemp and this block would leave the folder behind
+                folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=Path(beside).parent))
+            yield folder
     finally:
         if folder is not None:
             with signals_held():
