@@ -146,6 +146,13 @@ def test_shape_clash_is_a_failure_naming_both_shapes(tmp_path):
     result = verify("variants", path)
     assert result.exit_code == 1
     assert "shape [1, 2, 12, 12] in the ONNX graph vs [1, 4, 12, 12] in the checkpoint" in result.stdout
+    # Said once (not once per batch), no row of zeros where nothing could be compared, and a hint to the cause.
+    assert result.stdout.count("in the ONNX graph vs") == 1, result.stdout
+    row = next(line for line in result.stdout.splitlines() if "FAIL" in line)
+    assert row.split()[3:] == ["-"] * 6, row
+    assert "check that --onnx was exported from this SOURCE" in " ".join(result.stdout.split())
+    payload = json.loads(verify("variants", path, "--json").stdout)
+    assert payload["outputs"][0]["compared"] is False and not payload["passed"]
 
 
 def test_input_shape_that_does_not_fit_the_graph_is_an_input_error(exported):

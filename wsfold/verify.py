@@ -68,6 +68,7 @@ class OutputCheck:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     judged_per: str = "tensor"  # "channel" when each output channel was held to its own scale
+    compared: bool = False  # whether any batch's values were compared (not when shapes or counts differ)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "index"}
@@ -241,8 +242,10 @@ def _compare(
     (the checkpoint's math at the graph's precision) when given, else on ``r``."""
     if list(o.shape) != list(r.shape):
         check.passed = False
-        check.problems.append(f"shape {list(o.shape)} in the ONNX graph vs {list(r.shape)} in the checkpoint")
+        if not any(p.startswith("shape ") for p in check.problems):  # said once, for the first batch
+            check.problems.append(f"shape {list(o.shape)} in the ONNX graph vs {list(r.shape)} in the checkpoint")
         return
+    check.compared = True
     o64 = torch.from_numpy(np.asarray(o)).double()
     r32 = r.detach().double()
     ref64 = r64.detach().double()
@@ -746,14 +749,22 @@ def verify_onnx(
             )
         else:
             result.cause = "the exported graph (it fails with onnxruntime's optimizations disabled too)"
-            result.hint = _hint(result)
+            result.hint = _hint(result, per_layer)
     elif not result.passed:
         result.cause = "the exported graph"
-        result.hint = _hint(result)
+        result.hint = _hint(result, per_layer)
     return result
 
 
-def _hint(result: VerificationResult) -> str:
+def _hint(result: VerificationResult, per_layer: bool) -> str:
+    other_source = any("not from this SOURCE" in note for note in result.notes)
+    if any(p.startswith(("shape ", "the ONNX graph has ")) for o in result.outputs for p in o.problems):
+        return (
+            "the graph's outputs are not shaped as this model's: check that --onnx was exported from this SOURCE "
+            "and architecture" + (" (its metadata names another file: see the warning)" if other_source else "")
+        )
+    if not result.layers and per_layer:
+        return "no layer of this model matches the graph's weights by name: check that --onnx was exported from it"
     if not result.layers:
         return "run with --per-layer to find the layer whose weights differ"
     if any(not layer.passed for layer in result.layers):
