@@ -114,13 +114,20 @@ def test_dynamic_hw_verify_uses_a_second_size_the_model_accepts(unet, tmp_path):
     assert shapes == {(1, 3, 16, 16)}
 
 
-@pytest.mark.parametrize("option,value", [("--input-dtype", "int8"), ("--dtype", "int64"), ("--input-range", "5,1")])
+@pytest.mark.parametrize(
+    "option,value",
+    [("--input-dtype", "int8"), ("--dtype", "int64"), ("--dtype", "float8"), ("--input-range", "5,1")],
+)
 def test_bad_input_options_are_exit_2(unet, tmp_path, option, value):
     command = "verify" if option == "--input-range" else "export"
     args = [command, unet, "--arch", ARCH, "--onnx", tmp_path / "x.onnx", option, value]
     res = run(*args, *TWO_INPUTS[:4]) if command == "export" else run(*args)
     assert res.exit_code == 2, (res.exit_code, res.stderr)
     assert res.stderr.startswith("wsfold: error:") and option in res.stderr
+    if option == "--dtype":  # the same message for any value that is not a float dtype it casts to
+        text = " ".join(res.stderr.split())
+        assert f"--dtype {value!r} is not a floating dtype wsfold casts to" in text
+        assert "use one of float32, float16, bfloat16, float64" in text, text
 
 
 def test_float16_export_of_a_float32_checkpoint_verifies_and_a_1pct_filter_change_fails(unet, tmp_path):

@@ -318,8 +318,8 @@ ExportDtype = Annotated[
     str | None,
     typer.Option(
         "--dtype",
-        help="Cast the baked model to float16, bfloat16 or float32 (weights computed in float64, rounded once). "
-        "Default: the checkpoint's dtype.",
+        help="Cast the baked model to float16, bfloat16, float32 or float64 (weights computed in float64, rounded "
+        "once). Default: the checkpoint's dtype.",
     ),
 ]
 
