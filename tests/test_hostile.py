@@ -295,7 +295,8 @@ def test_written_files_get_umask_mode(tmp_path, kind, umask):
     try:
         if kind.startswith("bake_"):
             out = out_dir / f"m.{kind.removeprefix('bake_')}"
-            res = run("bake", src, "--arch", spec, "-o", out, "-q", "--input-shape", "1,3,12,12")
+            shape = ["--input-shape", "1,3,12,12"] if kind == "bake_pt2" else []
+            res = run("bake", src, "--arch", spec, "-o", out, "-q", *shape)
         elif kind == "export_onnx":
             out = out_dir / "m.onnx"
             res = run("export", src, "--arch", spec, "--onnx", out, "--input-shape", "1,3,12,12", "-q")
@@ -1449,3 +1450,17 @@ def test_the_users_umask_is_back_after_a_write_and_outputs_follow_it(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) == 0o666 & ~0o237
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_graph_options_on_a_bake_that_writes_no_graph_are_refused(tmp_path, suffix):
+    """--input-shape, --input-dtype, --static-batch and --dynamic-hw shape a .pt2 program; given with another
+    output they would be silently ignored: exit 2 before any work, nothing written."""
+    src, spec, _ = small_model(tmp_path)
+    out = tmp_path / f"m{suffix}"
+    res = run("bake", src, "--arch", spec, "-o", out, "--input-shape", "9,9", "--static-batch")
+    assert_error(res, 2, "--input-shape and --static-batch only apply to a .pt2 output")
+    assert "-o " + str(out.with_suffix(".pt2")) in " ".join(res.stderr.split())
+    res = run("bake", src, "--arch", spec, "-o", out, "--dynamic-hw")
+    assert_error(res, 2, "--dynamic-hw only applies to a .pt2 output")
+    assert not out.exists()

@@ -249,12 +249,23 @@ def bake(
     progress: ShowProgress = False,
 ) -> None:
     """Write a checkpoint whose weight-standardized layers are plain layers holding the exact standardized weights."""
+    from ..errors import OptionError
     from ..paths import check_output
     from ..save import SUFFIXES, save_baked
     from . import render
 
     out = output or source.with_name(f"{source.name.split('.')[0]}.baked.safetensors")
     check_output(out, force=force, source=source, inputs=[_arch_file(arch)], suffixes=SUFFIXES)
+    graph_only = {"--input-shape": input_shape, "--input-dtype": input_dtype, "--static-batch": static_batch}
+    graph_only["--dynamic-hw"] = dynamic_hw
+    given = [name for name, value in graph_only.items() if value]
+    if given and out.suffix != ".pt2":
+        named = " and ".join([", ".join(given[:-1]), given[-1]] if len(given) > 1 else given)
+        raise OptionError(
+            f"{named} only appl{'y' if len(given) > 1 else 'ies'} to a .pt2 output (a torch.export program); "
+            f"writing {out.name} would ignore {'them' if len(given) > 1 else 'it'}.",
+            f"drop {'them' if len(given) > 1 else 'it'}, or write -o {out.with_suffix('.pt2')}.",
+        )
     shapes, input_dtypes, cast = _input_options(input_shape, input_dtype, dtype)
     with _running(json_output, quiet, progress) as stages:
         prepared = _prepare(
@@ -307,9 +318,12 @@ InputDtype = Annotated[
     ),
 ]
 StaticBatch = Annotated[
-    bool, typer.Option("--static-batch", help="Fix the batch dimension of the graph written (.onnx, .pt2).")
+    bool,
+    typer.Option("--static-batch", help="Fix the batch dimension of the graph written (export's .onnx, bake's .pt2)."),
 ]
-DynamicHW = Annotated[bool, typer.Option("--dynamic-hw", help="Make spatial dimensions dynamic too (.onnx, .pt2).")]
+DynamicHW = Annotated[
+    bool, typer.Option("--dynamic-hw", help="Make spatial dimensions dynamic too (export's .onnx, bake's .pt2).")
+]
 InputName = Annotated[
     list[str] | None,
     typer.Option("--input-name", help="Name of each graph input (repeat). Default: forward's parameter names."),
