@@ -2,17 +2,17 @@
 
     .venv/bin/python benchmarks/run.py [--out build/bench]
 
-Builds ResNetV2 GN+WS networks in-process (R50x1; R50x4, a wide network whose float32 checkpoint is 1.53 GB;
-R101x3, a deep one of the same size with about twice the layers, as timm's resnetv2_101x3_bit), writes their
-state-dict checkpoints, and measures, each step in its own process so that peak RSS is that step's alone:
-bake seconds against torch.load + torch.save of the same checkpoint (the I/O floor; medians of --repeat
-alternating runs, each started with the checkpoint and the imported files in the page cache and no writes
-pending, so that no run pays for the one before it; timed from after the interpreter's start-up to the end of the
-job, and, as "process", the whole process as a shell's `time` shows it), `bake --fsync` (which also waits for the
-disk, as load+save does not) in the same alternation, every run printed with the CPU time the hypervisor gave
-other guests meanwhile (/proc/stat's steal: the spread on a shared machine), peak RSS (the worst run) against the
-checkpoint size, eager latency at batch 1 of the baked model against the original and against the same
-architecture built with plain convs, and the export figures of benchmarks/export_bench.py.
+Builds ResNetV2 GN+WS networks in-process (R50x1; R50x4, a wide network whose float32 checkpoint is 1.53 GB; R101x3,
+a deep one of the same size with about twice the layers, as timm's resnetv2_101x3_bit), writes their state-dict
+checkpoints, and measures, each step in its own process so that peak RSS is that step's alone: bake seconds against
+torch.load + torch.save of the same checkpoint (the I/O floor; medians of --repeat alternating runs, each started
+with the checkpoint and the imported files in the page cache and no writes pending, so that no run pays for the one
+before it; timed from after the interpreter's start-up to the end of the job, and, as "process", the whole process
+as a shell's `time` shows it), `bake --fsync` (which also waits for the disk, as load+save does not) in the same
+alternation, every run printed with the CPU time this machine spent on anything else meanwhile and the CPU time the
+hypervisor gave other guests (/proc/stat's steal), peak RSS (the worst run) against the checkpoint size, eager
+latency at batch 1 of the baked model against the original and against the same architecture built with plain convs,
+and the export figures of benchmarks/export_bench.py.
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ def measured(*argv: str) -> dict:
     """Run argv in a fresh interpreter; its wall time from after the interpreter's start-up to the end of the job
     (``seconds``), the whole process's wall time as a shell's ``time`` shows it, start-up and shutdown included
     (``process_seconds``), and its peak RSS."""
-    steal, children = host_steal_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    (busy, steal), children = cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", RUNNER, *argv], capture_output=True, text=True, cwd=ROOT)
     whole = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
-    steal = host_steal_seconds() - steal
+    busy_after, steal_after = cpu_seconds()
+    steal, others = steal_after - steal, busy_after - busy - cpu
     line = next((x for x in proc.stderr.splitlines() if x.startswith("MEASURE")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{argv} failed:\n{proc.stderr[-2000:]}")
@@ -84,16 +85,22 @@ def measured(*argv: str) -> dict:
         "peak_rss_bytes": int(rss),
         "cpu_seconds": cpu,
         "host_steal_seconds": steal,
+        # CPU time this machine spent on anything but the measured process meanwhile (the benchmark's own wait,
+        # the kernel's writeback, another program): contention that steal does not show.
+        "others_cpu_seconds": others,
     }
 
 
-def host_steal_seconds() -> float:
-    """CPU time the hypervisor gave to other guests so far, summed over this machine's CPUs (/proc/stat)."""
+def cpu_seconds() -> tuple[float, float]:
+    """(busy, steal) CPU seconds so far, summed over this machine's CPUs (/proc/stat): busy is user, nice, system,
+    irq and softirq time; steal the time the hypervisor gave to other guests."""
     try:
-        fields = open("/proc/stat").readline().split()
-        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def summary(runs: list[dict]) -> dict:
@@ -182,15 +189,26 @@ def latency(name: str, ckpt: Path, baked_path: Path, runs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "build" / "bench",
+        help="where the checkpoints (built once, kept for the next run: 1.5 GB each for the big two), outputs and "
+        "bench.json go (default: build/bench)",
+    )
     parser.add_argument(
         "--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)} (the last two are 1.5 GB)"
     )
-    parser.add_argument("--skip-export", action="store_true")
+    parser.add_argument("--skip-export", action="store_true", help="leave out benchmarks/export_bench.py")
     parser.add_argument(
-        "--repeat", type=int, default=5, help="runs of load+save, of bake --fsync and of bake per model"
+        "--repeat", type=int, default=5, help="runs of load+save, of bake --fsync and of bake per model (default: 5)"
     )
     args = parser.parse_args()
+    for name in args.models.split(","):
+        if name not in MODELS:
+            parser.error(f"--models: {name!r} is not one of {', '.join(MODELS)}")
+    if args.repeat < 1:
+        parser.error("--repeat: at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"models": {}}
     loadsave = args.out / "loadsave.py"
@@ -198,8 +216,6 @@ def main() -> None:
         "import sys, torch\nsd = torch.load(sys.argv[1], weights_only=True)\ntorch.save(sd, sys.argv[2])\n"
     )
     for name in args.models.split(","):
-        if name not in MODELS:
-            parser.error(f"--models: {name!r} is not one of {', '.join(MODELS)}")
         ckpt = args.out / f"{name}.pt"
         size = build_checkpoint(name, ckpt)
         baked_path = args.out / f"{name}.baked.pt"
@@ -267,9 +283,15 @@ def main() -> None:
         )
     for name, r in results["models"].items():
         # Every run, so that the spread is there to see, with the CPU time the host gave other guests meanwhile.
-        print(f"\n{name}: each run in seconds (in brackets: CPU seconds the hypervisor gave other guests meanwhile)")
+        print(
+            f"\n{name}: each run in seconds (in brackets: CPU seconds this machine spent on anything else meanwhile "
+            "/ the hypervisor gave other guests)"
+        )
         for label, key in (("load+save", "load_save"), ("bake", "bake"), ("bake --fsync", "bake_fsync")):
-            cells = [f"{x['seconds']:.2f} ({x['host_steal_seconds']:.2f})" for x in r[key]["runs"]]
+            cells = [
+                f"{x['seconds']:.2f} ({x['others_cpu_seconds']:.2f}/{x['host_steal_seconds']:.2f})"
+                for x in r[key]["runs"]
+            ]
             print(f"  {label:13} {'  '.join(cells)}")
         print(
             f"  bake / load+save before it: {' '.join(f'{x:.2f}' for x in r['bake_vs_load_save_runs'])}, median "
