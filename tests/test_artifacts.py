@@ -354,3 +354,17 @@ def test_a_file_size_limit_is_the_systems_refusal_exit_2_with_nothing_left(tmp_p
     res = run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", out, "-q")
     assert res.exit_code == 2 and "File too large" in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_of_a_baked_file_says_it_is_baked_not_an_empty_table_alone(tmp_path):
+    import json
+
+    out = tmp_path / "b.safetensors"
+    assert run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", out, "-q").exit_code == 0
+    res = run("inspect", out, "--arch", arch_spec("bit_tiny"), "--json")
+    assert res.exit_code == 0, res.stderr
+    payload = json.loads(res.stdout)
+    assert payload["layers"] == []
+    assert any("b.safetensors was written by wsfold bake (4 layer(s) baked" in n for n in payload["notes"])
+    text = run("inspect", out, "--arch", arch_spec("bit_tiny"))
+    assert "note b.safetensors was written by wsfold bake" in " ".join(text.stdout.split())

@@ -308,7 +308,7 @@ def _plan_affine_fold(g: _Graph, node: fx.Node) -> tuple[FoldStep | None, NotFol
     gamma = norm.weight.detach().double()
     beta = norm.bias.detach().double() if norm.bias is not None else torch.zeros_like(gamma)
     step = FoldStep(name, user.target, kind, gamma, beta)
-    return step, NotFolded(name, f"{stats}; only its affine was folded into {user.target}")
+    return step, NotFolded(name, f"{stats}; only its affine folds, into {user.target}")
 
 
 def plan_folds(model: nn.Module) -> tuple[list[FoldStep], FoldReport]:

@@ -698,6 +698,12 @@ def load_model(
     model = build_and_load(lambda: build_arch(arch, arch_kwargs), arch, sd, manifest)
     del sd
     set_eval(model)
+    if manifest is not None:
+        notes.append(
+            f"{path.name} was written by wsfold bake ({len(manifest.get('layers', []))} layer(s) baked, "
+            f"{len(manifest.get('folded', []))} normalizer(s) folded; every baked tensor matches its recorded "
+            "digest): its layers are plain already, so none is listed as weight-standardized"
+        )
     return LoadedModel(model, path, "state_dict", state_key=found_key, manifest=manifest, notes=notes)
 
 
