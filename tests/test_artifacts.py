@@ -368,3 +368,18 @@ def test_inspect_of_a_baked_file_says_it_is_baked_not_an_empty_table_alone(tmp_p
     assert any("b.safetensors was written by wsfold bake (4 layer(s) baked" in n for n in payload["notes"])
     text = run("inspect", out, "--arch", arch_spec("bit_tiny"))
     assert "note b.safetensors was written by wsfold bake" in " ".join(text.stdout.split())
+
+
+def test_export_of_a_baked_pt2_takes_the_input_shape_it_was_captured_with(tmp_path):
+    """A .pt2 program fixes its inputs' shapes (the batch dynamic): export needs no --input-shape for it."""
+    import onnx
+
+    program = tmp_path / "v.pt2"
+    res = run("bake", ckpt("variants"), "--arch", arch_spec("variants"), "-o", program, "--input-shape", "1,3,12,12")
+    assert res.exit_code == 0, res.stderr
+    out = tmp_path / "v.onnx"
+    res = run("export", program, "--allow-pickle", "--onnx", out, "-q")
+    assert res.exit_code == 0, res.stderr
+    dims = onnx.load(str(out), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims][1:] == [3, 12, 12]
+    assert not dims[0].dim_value  # the batch stays dynamic

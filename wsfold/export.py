@@ -109,6 +109,9 @@ def resolve_input_shapes(model: nn.Module, shapes: Sequence[str | tuple[int, ...
         raise TypeError(f"input_shapes is a list of shapes, one per input, such as [{tuple(shapes)}]")
     if shapes:
         return [parse_shape(s) if isinstance(s, str) else tuple(s) for s in shapes]
+    captured = getattr(model, "wsfold_input_shapes", None)  # a .pt2 program's, as it was captured
+    if captured:
+        return [tuple(s) for s in captured]
     declared = declared_input_shape(model)
     if declared is None:
         raise OptionError(

@@ -707,6 +707,26 @@ def load_model(
     return LoadedModel(model, path, "state_dict", state_key=found_key, manifest=manifest, notes=notes)
 
 
+def _program_input_shapes(program) -> list[tuple[int, ...]] | None:
+    """The input shapes a torch.export program was captured with, batch 1 where the batch is dynamic; None when
+    the program does not say (no example inputs, inputs that are not tensors)."""
+    example = getattr(program, "example_inputs", None)
+    try:
+        args, kwargs = example
+        names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+        placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+        shapes = []
+        for name, arg in zip(names, args):
+            if kwargs or not isinstance(arg, torch.Tensor):
+                return None
+            traced = placeholders[name].meta["val"].shape
+            dynamic_batch = len(traced) > 0 and not isinstance(traced[0], int)
+            shapes.append((1, *arg.shape[1:]) if dynamic_batch else tuple(arg.shape))
+    except Exception:  # noqa: BLE001 - a program without the usual records: the user gives --input-shape
+        return None
+    return shapes if len(shapes) == len(args) else None
+
+
 def load_baked(
     path: str | Path,
     *,
@@ -731,11 +751,16 @@ def load_baked(
         if not path.is_file():
             raise SourceError(f"{path}: no such file.", "check the path.")
         try:
-            return torch.export.load(str(path)).module()
+            program = torch.export.load(str(path))
+            module = program.module()
         except Exception as exc:  # noqa: BLE001 - any unreadable archive
             raise SourceError(
                 f"{path} is not a readable torch.export archive ({first_line(exc)}).", "re-bake it."
             ) from None
+        shapes = _program_input_shapes(program)
+        if shapes:
+            module.wsfold_input_shapes = shapes  # what export takes when no --input-shape is given
+        return module
     loaded = load_model(path, arch=arch, arch_kwargs=arch_kwargs, allow_pickle=allow_pickle)
     if path.suffix == ".safetensors" and loaded.manifest is None:
         raise SourceError(
