@@ -1464,3 +1464,38 @@ def test_graph_options_on_a_bake_that_writes_no_graph_are_refused(tmp_path, suff
     res = run("bake", src, "--arch", spec, "-o", out, "--dynamic-hw")
     assert_error(res, 2, "--dynamic-hw only applies to a .pt2 output")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".pt2"])
+def test_a_file_size_limit_is_said_before_writing(tmp_path, suffix):
+    """ulimit -f below the output's size: said up front, exit 2, nothing left (torch's .pt2 writer would abort
+    the process, safetensors' would raise its own error type)."""
+    import resource
+
+    from conftest import arch_spec, ckpt
+
+    out = tmp_path / f"out{suffix}"
+    argv = [sys.executable, "-m", "wsfold", "bake", str(ckpt("bit_tiny")), "--arch", arch_spec("bit_tiny")]
+    argv += ["-o", str(out), "-q"]
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("wsfold: error: this process may write files of 20.5 kB at most (ulimit -f)")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_writers_own_error_quoting_a_lack_of_room_is_the_systems_refusal(tmp_path):
+    """safetensors raises its own type, quoting the system's error ('(os error 27)'): file too large, no space
+    and over quota are the system's refusal whatever the disk's free space."""
+    import errno
+
+    from wsfold.save import _out_of_space
+
+    for code in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):
+        exc = RuntimeError(f"Error while serializing: I/O error: something (os error {code})")
+        assert _out_of_space(exc, tmp_path / "x.safetensors") == code
+    assert _out_of_space(RuntimeError("I/O error: Permission denied (os error 13)"), tmp_path / "x.pt") is None
