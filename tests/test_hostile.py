@@ -1499,3 +1499,22 @@ def test_a_writers_own_error_quoting_a_lack_of_room_is_the_systems_refusal(tmp_p
         exc = RuntimeError(f"Error while serializing: I/O error: something (os error {code})")
         assert _out_of_space(exc, tmp_path / "x.safetensors") == code
     assert _out_of_space(RuntimeError("I/O error: Permission denied (os error 13)"), tmp_path / "x.pt") is None
+
+
+def test_a_refusal_inside_the_temporary_folder_names_the_output(tmp_path, monkeypatch):
+    """The temporary file is gone when the error is said: the message names OUT, never a .wsfold-* path."""
+    import errno
+
+    import wsfold.save
+
+    src, spec, _ = small_model(tmp_path)
+    out = tmp_path / "m.safetensors"
+
+    def refused(model, tmp, *args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp))
+
+    monkeypatch.setattr(wsfold.save, "_write_safetensors", refused)
+    res = run("bake", src, "--arch", spec, "-o", out)
+    assert_error(res, 2, f"the system refused ({out}): Permission denied")
+    assert ".wsfold-" not in res.stderr
+    assert not out.exists() and not any(p.name.startswith(".wsfold-") for p in tmp_path.iterdir())

@@ -210,10 +210,7 @@ def atomic_path(out: Path, *, force: bool = False, durable: bool = False) -> Ite
             # Read-only: the writer may have created the file without write permission (umask 0277), and
             # fsync needs none.
             with open(tmp_path, "rb") as fh:
-                try:
-                    os.fsync(fh.fileno())
-                except OSError as exc:  # named after OUT: the temporary file is gone when this is said
-                    raise OSError(exc.errno, exc.strerror, str(out)) from None
+                os.fsync(fh.fileno())  # a refusal is named after OUT (temp_folder)
         os.chmod(tmp_path, file_mode())
         with signals_held():
             place(tmp_path, out, force=force)
@@ -306,7 +303,13 @@ def temp_folder(beside: Path) -> Iterator[Path]:
         with owner_may_write():
             with signals_held():  # a stop signal between mkdtemp and this block would leave the folder behind
                 folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=Path(beside).parent))
-            yield folder
+            try:
+                yield folder
+            except OSError as exc:
+                # Named after the output: the temporary file is gone when the error is said.
+                if exc.errno is not None and str(exc.filename or "").startswith(str(folder)):
+                    raise OSError(exc.errno, exc.strerror, str(beside)) from None
+                raise
     finally:
         if folder is not None:
             with signals_held():
