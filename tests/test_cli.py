@@ -73,6 +73,12 @@ def test_bake_default_output_is_beside_source(tmp_path):
     result = run("bake", src, "--arch", arch_spec("unsupported"), "-q")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "model.baked.safetensors").exists() and result.stdout == ""
+    # The stem, not the text before the first dot: two versions of one model do not meet in one name.
+    for version in ("v1", "v2"):
+        named = tmp_path / f"my.model.{version}.pt"
+        shutil.copy(ckpt("unsupported"), named)
+        assert run("bake", named, "--arch", arch_spec("unsupported"), "-q").exit_code == 0
+        assert (tmp_path / f"my.model.{version}.baked.safetensors").exists()
 
 
 def test_bake_safetensors_roundtrip_matches_original(tmp_path):

@@ -254,7 +254,8 @@ def bake(
     from ..save import SUFFIXES, save_baked
     from . import render
 
-    out = output or source.with_name(f"{source.name.split('.')[0]}.baked.safetensors")
+    # SOURCE's stem: v1 and v2 of "my.model.v1.pt" do not meet in one name (a model directory keeps its name).
+    out = output or source.with_name(f"{source.name if source.is_dir() else source.stem}.baked.safetensors")
     check_output(out, force=force, source=source, inputs=[_arch_file(arch)], suffixes=SUFFIXES)
     graph_only = {"--input-shape": input_shape, "--input-dtype": input_dtype, "--static-batch": static_batch}
     graph_only["--dynamic-hw"] = dynamic_hw
