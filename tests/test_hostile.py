@@ -828,7 +828,17 @@ def test_forged_manifest_on_unbaked_weights_is_refused(tmp_path):
     guard.check()
 
 
-@pytest.mark.parametrize("manifest", ["{not json", '["a", "list"]'], ids=["not_json", "json_list"])
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        "{not json",
+        '["a", "list"]',
+        '{"layers": [], "folded": 5}',
+        '{"layers": [], "folded": [{"norm": "1", "into": "0", "kind": "batchnorm", "extra": 1}]}',
+        '{"layers": [], "folded": [{"norm": 1, "into": "0", "kind": "batchnorm"}]}',
+    ],
+    ids=["not_json", "json_list", "folded_int", "folded_extra_key", "folded_int_name"],
+)
 @pytest.mark.parametrize("command", ["inspect", "export"])
 def test_hostile_manifest(tmp_path, manifest, command):
     from safetensors.torch import save_file

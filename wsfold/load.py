@@ -620,8 +620,15 @@ def read_manifest(metadata: Mapping[str, str] | None, sd: Mapping[str, torch.Ten
         raise malformed(f"not JSON: {first_line(exc)}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), list):
         raise malformed("not an object with a list of layers")
-    for entry in manifest.get("folded", []) or []:
-        if not (isinstance(entry, dict) and {"norm", "into", "kind"} <= set(entry) and entry["kind"] in FOLD_KINDS):
+    if not isinstance(manifest.get("folded", []), list):
+        raise malformed("its 'folded' is not a list")
+    for entry in manifest.get("folded", []):
+        if not (
+            isinstance(entry, dict)
+            and set(entry) == {"norm", "into", "kind"}
+            and all(isinstance(v, str) for v in entry.values())
+            and entry["kind"] in FOLD_KINDS
+        ):
             raise malformed(f"a folded entry {str(entry)[:80]!r} is not one wsfold writes")
     for entry in manifest["layers"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("digests"), dict):
