@@ -1528,3 +1528,15 @@ def test_a_refusal_inside_the_temporary_folder_names_the_output(tmp_path, monkey
     assert_error(res, 2, f"the system refused ({out}): Permission denied")
     assert ".wsfold-" not in res.stderr
     assert not out.exists() and not any(p.name.startswith(".wsfold-") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_closed_stdout_or_stderr_does_not_fail_the_command(tmp_path, closed):
+    """`wsfold bake ... >&-` (or `2>&-`): nothing said can be read, but the file asked for is written, exit 0."""
+    from conftest import arch_spec, ckpt
+
+    out = tmp_path / "m.pt"
+    argv = [sys.executable, "-m", "wsfold", "bake", str(ckpt("bit_tiny")), "--arch", arch_spec("bit_tiny"), "-o"]
+    proc = subprocess.run([*argv, str(out)], preexec_fn=lambda: os.close(closed), capture_output=False)
+    assert proc.returncode == 0
+    assert out.stat().st_size > 0

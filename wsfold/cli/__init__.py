@@ -29,10 +29,23 @@ def _huge_pages_for_torch() -> None:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # an empty value is unset (torch would warn about it)
 
 
+def _closed_streams_to_devnull() -> None:
+    """A stream closed by the caller (``>&-``, ``2>&-``) is None in Python: nothing wsfold says there can be read,
+    so it goes nowhere instead of failing the command (the files written are what was asked for)."""
+    import os
+    import sys
+
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 - for the life of the process
+
+
 def main() -> None:
     import sys
 
     from .errors import EXIT_INPUT, ignore_stop_signals, install_signal_handlers
+
+    _closed_streams_to_devnull()
 
     install_signal_handlers()  # before the heavy imports: a signal during them is an interruption too
     _huge_pages_for_torch()
