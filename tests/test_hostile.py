@@ -1540,3 +1540,20 @@ def test_a_closed_stdout_or_stderr_does_not_fail_the_command(tmp_path, closed):
     proc = subprocess.run([*argv, str(out)], preexec_fn=lambda: os.close(closed), capture_output=False)
     assert proc.returncode == 0
     assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "another_zip"])
+def test_a_damaged_pt2_is_one_line_not_torchs_logged_traceback(tmp_path, damage):
+    src, spec, _ = small_model(tmp_path)
+    bad = tmp_path / "bad.pt2"
+    if damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "truncated":
+        good = tmp_path / "good.pt2"
+        assert run("bake", src, "--arch", spec, "-o", good, "--input-shape", "1,3,12,12", "-q").exit_code == 0
+        bad.write_bytes(good.read_bytes()[:3000])
+    else:
+        bad.write_bytes(src.read_bytes())  # a torch.save zip, named .pt2
+    res = run("inspect", bad, "--allow-pickle")
+    assert_error(res, 2, "is empty (0 bytes)" if damage == "empty" else "is not a readable torch.export archive")
+    assert "warnings above" not in res.stderr

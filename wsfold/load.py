@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import pickle
 import struct
@@ -714,6 +715,32 @@ def load_model(
     return LoadedModel(model, path, "state_dict", state_key=found_key, manifest=manifest, notes=notes)
 
 
+class _Kept(logging.Handler):
+    """Keeps the first line of each exception a logger records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(first_line(record.exc_info[1]))
+
+
+@contextlib.contextmanager
+def _logged_errors(name: str):
+    """What the named logger records while the block runs is kept (the first line of each exception it logs),
+    not printed: torch.export logs a whole traceback, then raises an error that says to look above it."""
+    logger = logging.getLogger(name)
+    kept = _Kept()
+    handlers, propagate = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [kept], False  # torch gives the logger a handler of its own
+    try:
+        yield kept.errors
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+
+
 def _program_input_shapes(program) -> list[tuple[int, ...]] | None:
     """The input shapes a torch.export program was captured with, batch 1 where the batch is dynamic; None when
     the program does not say (no example inputs, inputs that are not tensors)."""
@@ -757,12 +784,19 @@ def load_baked(
             )
         if not path.is_file():
             raise SourceError(f"{path}: no such file.", "check the path.")
+        if path.stat().st_size == 0:
+            raise SourceError(
+                f"{path} is empty (0 bytes).", "the copy or the bake that wrote it probably failed; write it again."
+            )
+        logged: list[str] = []
         try:
-            program = torch.export.load(str(path))
+            with _logged_errors("torch.export") as logged:
+                program = torch.export.load(str(path))
             module = program.module()
         except Exception as exc:  # noqa: BLE001 - any unreadable archive
+            why = "; ".join([*logged, first_line(exc)]) if "warnings above" not in str(exc) else "; ".join(logged)
             raise SourceError(
-                f"{path} is not a readable torch.export archive ({first_line(exc)}).", "re-bake it."
+                f"{path} is not a readable torch.export archive ({why or first_line(exc)}).", "re-bake it."
             ) from None
         shapes = _program_input_shapes(program)
         if shapes:
