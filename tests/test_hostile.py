@@ -241,9 +241,10 @@ def _wsfold_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "wsfold", *[str(a) for a in args]]
 
 
-def _interrupt_when_something_appears(cmd, folder: Path, sig: int, fallback_s: float = 8.0):
-    """Start ``cmd``; send ``sig`` as soon as a new entry (temp file/folder) appears in ``folder`` (or after
-    ``fallback_s``); return (returncode, stderr, whether the signal was sent while the process ran)."""
+def _interrupt_when_something_appears(cmd, folder: Path, sig: int, fallback_s: float = 8.0, then: int | None = None):
+    """Start ``cmd``; send ``sig`` (and right after it ``then``) as soon as a new entry (temp file/folder) appears
+    in ``folder`` (or after ``fallback_s``); return (returncode, stderr, whether the signal was sent while the
+    process ran)."""
     before = set(os.listdir(folder))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=SUBPROC_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     start = time.monotonic()
@@ -252,6 +253,8 @@ def _interrupt_when_something_appears(cmd, folder: Path, sig: int, fallback_s: f
         while proc.poll() is None:
             if set(os.listdir(folder)) - before or time.monotonic() - start > fallback_s:
                 proc.send_signal(sig)
+                if then is not None:
+                    proc.send_signal(then)
                 sent = True
                 break
             time.sleep(0.002)
@@ -261,6 +264,23 @@ def _interrupt_when_something_appears(cmd, folder: Path, sig: int, fallback_s: f
             proc.kill()
             proc.wait()
     return proc.returncode, err.decode(errors="replace"), sent
+
+
+@pytest.mark.slow
+def test_two_signals_at_once_are_one_clean_interruption(tmp_path):
+    """Ctrl-C and a SIGTERM (CI cancelling, docker stop) a moment apart: the second must not break the cleanup
+    the first started ("OSError: Signal 15 ignored due to race condition" with a traceback, before)."""
+    src, spec, arch = big_model(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    guard = Guard(files=[src, arch], folders=[out_dir, src.parent])
+    cmd = _wsfold_cmd("bake", src, "--arch", spec, "-o", out_dir / "big.baked.pt")
+    rc, err, sent = _interrupt_when_something_appears(cmd, out_dir, signal.SIGINT, then=signal.SIGTERM)
+    assert sent, f"the process ended (rc {rc}) before it could be interrupted; make the model bigger"
+    assert rc in (130, 143, -2, -15), (rc, err)
+    assert_clean(err)
+    assert "race condition" not in err
+    guard.check()
 
 
 @pytest.mark.slow

@@ -37,17 +37,27 @@ RECEIVED: dict[str, int | None] = {"signum": None}
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    from ..paths import defer_signal
-
+    try:
+        from ..paths import defer_signal
+    except ImportError:  # the signal came while wsfold.paths itself was imported: nothing is being placed yet
+        defer_signal = None
     if RECEIVED["signum"] is None:
         RECEIVED["signum"] = signum
-    if defer_signal(signum):
+    if defer_signal is not None and defer_signal(signum):
         return  # outputs are being moved into place: raised again once they all are
-    # A second signal must not interrupt the cleanup the first one started.
+    # A second signal must not interrupt the cleanup the first one started. (Not SIG_IGN here: a second signal
+    # already received but not yet handled would then make Python raise "OSError: Signal 15 ignored due to race
+    # condition" in the middle of that cleanup.)
     for name in STOP_SIGNALS:
         if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+            signal.signal(getattr(signal, name), _ignored)
     raise Interrupted(signum)
+
+
+def _ignored(signum: int, frame: Any) -> None:
+    """A stop signal after the first: nothing to do."""
+
+
 
 
 def install_signal_handlers() -> None:
@@ -60,7 +70,8 @@ def install_signal_handlers() -> None:
 
 def ignore_stop_signals() -> None:
     """Once the command has finished (its outputs placed or not), a late signal cannot change what it did: let
-    the interpreter shut down without being interrupted, so the exit code says what happened."""
+    the interpreter shut down without being interrupted, so the exit code says what happened. (SIG_IGN: the
+    interpreter's shutdown puts Python-level handlers back to the default, which a late signal would die of.)"""
     for name in STOP_SIGNALS:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
