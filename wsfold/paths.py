@@ -210,7 +210,10 @@ def atomic_path(out: Path, *, force: bool = False, durable: bool = False) -> Ite
             # Read-only: the writer may have created the file without write permission (umask 0277), and
             # fsync needs none.
             with open(tmp_path, "rb") as fh:
-                os.fsync(fh.fileno())  # a refusal is named after OUT (temp_folder)
+                try:
+                    os.fsync(fh.fileno())
+                except OSError as exc:  # fsync's error names no file: OUT, as every refusal here
+                    raise OSError(exc.errno, exc.strerror, str(out)) from None
         os.chmod(tmp_path, file_mode())
         with signals_held():
             place(tmp_path, out, force=force)
