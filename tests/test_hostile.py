@@ -1448,6 +1448,7 @@ def test_a_full_disk_is_the_systems_refusal_exit_2_with_nothing_left(tmp_path, m
     monkeypatch.setattr(wsfold.save, "_write_pickle", failing)
     monkeypatch.setattr(wsfold.save, "_write_safetensors", failing)
     monkeypatch.setattr(wsfold.save.torch.export, "save", failing)
+    monkeypatch.setattr(wsfold.save, "_archive_bytes", lambda program: 1000)  # sized before the write fails
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.stderr
     assert "No space left on device" in result.stderr and "Traceback" not in result.stderr

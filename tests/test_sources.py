@@ -307,3 +307,22 @@ def test_random_values_asked_for_off_the_meta_device_are_random():
             values = torch.randn(10000)
     torch.manual_seed(0)
     assert not values.is_meta and torch.equal(values, torch.randn(10000))
+
+
+def test_bake_of_a_model_directory_given_as_dot_writes_beside_it(tmp_path, monkeypatch):
+    """`wsfold bake .` inside a model directory: the default output is <directory name>.baked.safetensors beside
+    it (the name '.' has none of its own: it was a ValueError called a bug)."""
+    from typer.testing import CliRunner
+
+    from wsfold.cli.app import app
+
+    folder = _fixture_dir(tmp_path, {})
+    monkeypatch.chdir(folder)
+    res = CliRunner().invoke(app, ["bake", ".", "--arch", arch_spec("bit_tiny"), "-q"])
+    assert res.exit_code == 0, res.stderr
+    assert (tmp_path / "model.baked.safetensors").exists()
+    (folder / "sub").mkdir()
+    monkeypatch.chdir(folder / "sub")
+    res = CliRunner().invoke(app, ["bake", "..", "--arch", arch_spec("bit_tiny"), "-q", "--force"])
+    assert res.exit_code == 0, res.stderr
+    assert sorted(p.name for p in (folder / "sub").iterdir()) == []

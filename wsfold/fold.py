@@ -294,11 +294,14 @@ def _plan_affine_fold(g: _Graph, node: fx.Node) -> tuple[FoldStep | None, NotFol
     user = users[0]
     nxt = g.module_of(user)
     if not isinstance(nxt, _FOLD_INTO):
+        # The kind of operation, not the node's name: alike normalizers then share one reason (and one line).
         if user.op == "call_module":
-            what = f"{user.target} ({type(g.modules[user.target]).__name__})"
+            what = type(g.modules[user.target]).__name__
         else:
             what = getattr(user.target, "__name__", str(user.target))
-        return None, NotFolded(name, f"{stats}; {what} stands between it and the next conv/linear, so its affine stays")
+        return None, NotFolded(
+            name, f"{stats}; a {what} stands between it and the next conv/linear, so its affine stays"
+        )
     why = _affine_foldable_into(norm, nxt)
     if why is None and g.calls.get(user.target, 0) > 1:
         why = "the next layer is called more than once"

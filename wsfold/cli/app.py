@@ -255,7 +255,8 @@ def bake(
     from . import render
 
     # SOURCE's stem: v1 and v2 of "my.model.v1.pt" do not meet in one name (a model directory keeps its name).
-    out = output or source.with_name(f"{source.name if source.is_dir() else source.stem}.baked.safetensors")
+    named = source.resolve() if source.is_dir() else source  # "." and ".." have no name of their own
+    out = output or named.with_name(f"{named.name if source.is_dir() else named.stem}.baked.safetensors")
     check_output(out, force=force, source=source, inputs=[_arch_file(arch)], suffixes=SUFFIXES)
     graph_only = {"--input-shape": input_shape, "--input-dtype": input_dtype, "--static-batch": static_batch}
     graph_only["--dynamic-hw"] = dynamic_hw

@@ -58,8 +58,6 @@ def _ignored(signum: int, frame: Any) -> None:
     """A stop signal after the first: nothing to do."""
 
 
-
-
 def install_signal_handlers() -> None:
     """SIGTERM and SIGHUP unwind like Ctrl-C does (Python's default only does so for SIGINT). A signal the caller
     ignores (nohup's SIGHUP, SIGINT for a background job of a script) stays ignored."""
