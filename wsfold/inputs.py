@@ -69,7 +69,7 @@ def parse_dtype(name: str | torch.dtype, option: str = "--input-dtype") -> torch
 def parse_float_dtype(name: str | torch.dtype, option: str = "--dtype") -> torch.dtype:
     dtype = name if isinstance(name, torch.dtype) else FLOAT_DTYPES.get(name)
     if dtype is None or not dtype.is_floating_point:
-        shown = str(name).removeprefix("torch.")
+        shown = name if isinstance(name, str) else str(name).removeprefix("torch.")
         raise OptionError(
             f"{option} {shown!r} is not a floating dtype wsfold casts to.", f"use one of {', '.join(FLOAT_DTYPES)}."
         )
