@@ -72,6 +72,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _require_content(path: Path) -> None:
+    if path.stat().st_size == 0:
+        raise SourceError(
+            f"{path} is empty (0 bytes).", "the download or copy probably failed; fetch the checkpoint again."
+        )
+
+
 def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dict[str, str] | None]:
     """The raw object stored at ``path`` (and safetensors metadata), refusing code-bearing pickles unless allowed."""
     path = Path(path)
@@ -84,11 +91,7 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> tuple[Any, dic
             f"{path} is not a regular file (a pipe or a device?); wsfold reads a checkpoint more than once.",
             "save the checkpoint to a file and pass that.",
         )
-    size = path.stat().st_size
-    if size == 0:
-        raise SourceError(
-            f"{path} is empty (0 bytes).", "the download or copy probably failed; fetch the checkpoint again."
-        )
+    _require_content(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     with open(path, "rb") as fh:
@@ -784,10 +787,7 @@ def load_baked(
             )
         if not path.is_file():
             raise SourceError(f"{path}: no such file.", "check the path.")
-        if path.stat().st_size == 0:
-            raise SourceError(
-                f"{path} is empty (0 bytes).", "the copy or the bake that wrote it probably failed; write it again."
-            )
+        _require_content(path)
         logged: list[str] = []
         try:
             with _logged_errors("torch.export") as logged:

@@ -160,13 +160,8 @@ def _tensor_bytes(model: nn.Module) -> int:
 def _require_space(out: Path, need: int) -> None:
     """Refuse before writing when the file system, or the process's file size limit (ulimit -f), has less room
     than ``need`` bytes."""
-    try:
-        import resource
-
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    except (ImportError, OSError, ValueError):
-        limit = -1
-    if 0 <= limit < need and limit != getattr(resource, "RLIM_INFINITY", -1):
+    limit = _file_size_limit()
+    if limit is not None and limit < need:
         raise OutputError(
             f"this process may write files of {size_text(limit)} at most (ulimit -f); the baked model needs about "
             f"{size_text(need)}.",
@@ -181,6 +176,17 @@ def _require_space(out: Path, need: int) -> None:
             f"{out.parent} has {size_text(free)} free; the baked model needs about {size_text(need)}.",
             "free some space there, or write the output elsewhere with -o.",
         )
+
+
+def _file_size_limit() -> int | None:
+    """The process's file size limit in bytes (ulimit -f), None when there is none (or no way to ask)."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        return None if limit == resource.RLIM_INFINITY or limit < 0 else limit
+    except (ImportError, OSError, ValueError):
+        return None
 
 
 def size_text(n: int) -> str:
