@@ -210,7 +210,9 @@ def _tensor(f, end: int, location: str) -> bytes:
     offset, length = raw
     entries = b""
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = _key(1) + _varint(len(key.encode())) + key.encode() + _key(2) + _varint(len(value)) + value.encode()
+        # Lengths in bytes: a non-ASCII file name is longer in UTF-8 than in characters.
+        key_bytes, value_bytes = key.encode(), value.encode()
+        entry = _key(1) + _varint(len(key_bytes)) + key_bytes + _key(2) + _varint(len(value_bytes)) + value_bytes
         entries += _key(_TENSOR_EXTERNAL_DATA) + _varint(len(entry)) + entry
     dropped = {_TENSOR_RAW_DATA: None, _TENSOR_EXTERNAL_DATA: None, _TENSOR_DATA_LOCATION: None}
     kept = _message(f, end, dropped)
