@@ -472,7 +472,8 @@ def build_and_load(
             from .fold import restore_fold_structure
 
             set_eval(model)
-            model, _ = bake_model(model, inplace=True, allow_nonfinite=True)
+            model, report = bake_model(model, inplace=True, allow_nonfinite=True)
+            _require_manifest_layers(manifest, [b.layer.name for b in report.baked], spec)
             try:
                 model = restore_fold_structure(model, manifest.get("folded", []))
             except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -492,6 +493,28 @@ def build_and_load(
         if not _has_meta_tensors(model):
             return model
     raise AssertionError("unreachable")
+
+
+def _require_manifest_layers(manifest: dict, baked: list[str], spec: str) -> None:
+    """The layers a manifest says were baked are those the architecture weight-standardizes: a manifest that
+    lists fewer (a layer whose stored weight is raw would be loaded as a plain conv) or others is refused."""
+    listed = [entry.get("name") for entry in manifest["layers"]]
+    missing = [name for name in baked if name not in listed]
+    extra = [str(name) for name in listed if name not in baked]
+    if not missing and not extra:
+        return
+    shown = ", ".join(repr(n) for n in (missing or extra)[:3]) + (" ..." if len(missing or extra) > 3 else "")
+    if missing:
+        what = (
+            f"the architecture weight-standardizes {len(baked)} layer(s) and the file's manifest lists {len(listed)} "
+            f"as baked: {shown} missing, so their stored weights may be raw"
+        )
+    else:
+        what = f"its manifest lists layer(s) {shown} as baked, which the architecture does not weight-standardize"
+    raise ManifestError(
+        f"the baked checkpoint does not fit --arch {spec} ({what}).",
+        "bake the original checkpoint with `wsfold bake`, or pass the architecture it was baked from.",
+    )
 
 
 def build_arch(spec: str, kwargs: dict[str, Any] | str | None = None) -> nn.Module:
