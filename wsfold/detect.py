@@ -193,7 +193,11 @@ def _is_candidate(module: nn.Module) -> bool:
     # Any other module that owns a floating tensor of rank >= 2 may derive a weight from it, children or not
     # (mmcv's SAConv2d owns the weight it standardizes and has parameterized children): each one is probed and
     # ends as derived, unsupported or not probed, never skipped without a word.
-    return any(t.is_floating_point() and t.ndim >= 2 for t in own_tensors(module).values())
+    tensors = [t for t in own_tensors(module).values() if t.is_floating_point() and t.ndim >= 2]
+    if tensors and next(module.children(), None) is not None and all(t.shape[0] == 1 for t in tensors):
+        # A container's (1, tokens, dim) position embedding or (1, 1, dim) class token: not a layer's weight.
+        return False
+    return bool(tensors)
 
 
 class _WeightDigest:
