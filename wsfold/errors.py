@@ -77,3 +77,13 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none (for one-line reports)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def brief(text: str, limit: int = 160) -> str:
+    """``text``'s first line, shortened to ``limit`` characters at a word boundary (marked with '...') when
+    longer: a message quoted inside another stays readable and never ends mid-word."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    if len(line) <= limit:
+        return line
+    cut = line[: limit + 1].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return (cut or line[:limit]) + " ..."

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import first_line
+from .errors import brief, first_line
 from .modeltree import copy_paths, require_module, set_submodule
 
 _FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -320,7 +320,7 @@ def plan_folds(model: nn.Module) -> tuple[list[FoldStep], FoldReport]:
     try:
         g = _Graph(model, trace(model))
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds of errors on untraceable code
-        report.skipped = f"the model cannot be traced by torch.fx ({type(exc).__name__}: {first_line(exc)[:160]})"
+        report.skipped = f"the model cannot be traced by torch.fx ({type(exc).__name__}: {brief(first_line(exc))})"
         return [], report
     steps: list[FoldStep] = []
     # Normalizers after their layer first, then affines before theirs: a layer may take both.
