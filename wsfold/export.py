@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import ExportError, OptionError, OutputError, first_line
+from .errors import ExportError, OptionError, OutputError, brief, first_line
 from .inputs import (
     ValueRange,
     check_names,
@@ -280,6 +280,8 @@ def trace_inputs(
                 f"the model cannot run on inputs {given} ({type(exc).__name__}: {first_line(exc)}).",
                 "fix --input-shape / --input-dtype (one per input, in forward's order).",
             ) from None
+    if dynamic_hw:
+        _require_another_size(private, args, kinds, ranges, gen)
     output_names, _ = flatten_outputs(reference)
     names = check_names(input_names, count) if input_names else forward_input_names(model, count)
     clash = sorted(set(names) & set(output_names))
@@ -289,6 +291,33 @@ def trace_inputs(
         )
     weights = model_dtype(model)
     return TraceInputs(private, args, names, output_names, notes, weights if weights != dtype else None)
+
+
+def _require_another_size(model: nn.Module, args, kinds, ranges, gen: torch.Generator) -> None:
+    """--dynamic-hw only for a model that runs at another spatial size: one that fixes its size (a position
+    embedding of fixed length) would keep the exporter's shape solver busy for minutes before it refused. A U-Net
+    takes multiples of its downsampling only, so a few growths are tried."""
+    spatial = [a.ndim >= 3 for a in args]
+    if not any(spatial):
+        return
+    largest = max(max(a.shape[2:]) for a, s in zip(args, spatial) if s)
+    for grow in dict.fromkeys([1, 2, 4, 8, 16, 32, largest]):
+        grown = tuple(
+            random_tensor((*a.shape[:2], *(d + grow for d in a.shape[2:])), kind, gen, rng) if s else a
+            for a, s, kind, rng in zip(args, spatial, kinds, ranges)
+        )
+        try:
+            with torch.no_grad():
+                model(*grown)
+        except Exception:  # noqa: BLE001 - the model refuses that size: try the next
+            continue
+        return
+    sizes = ", ".join("x".join(map(str, a.shape[2:])) for a, s in zip(args, spatial) if s)
+    raise OptionError(
+        f"--dynamic-hw: the model has fixed spatial sizes (it runs at {sizes} only, and refused every size from 1 "
+        f"to {largest} larger).",
+        "export without --dynamic-hw.",
+    )
 
 
 @contextlib.contextmanager
@@ -318,7 +347,7 @@ def _model_refused(exporter: str, exc: BaseException) -> ExportError:
     cause = exc
     while cause.__cause__ is not None and cause.__cause__ is not cause:
         cause = cause.__cause__
-    text = _ANSI.sub("", first_line(cause))[:300]
+    text = brief(_ANSI.sub("", first_line(cause)), 300)
     other = "dynamo" if exporter == "torchscript" else "torchscript"
     return ExportError(
         f"torch.onnx ({exporter}) cannot export the model: {type(cause).__name__}: {text}.",
@@ -644,6 +673,10 @@ def check_opset(opset: int, exporter: str) -> None:
         )
 
 
+def _has_convolutions(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
 def provenance(
     bake_report: BakeReport | None, fold_report: FoldReport | None, source: Path | None, baked: int | None = None
 ) -> dict[str, str]:
@@ -709,6 +742,13 @@ def export_onnx(
         )
     check_opset(opset, exporter)
     shapes = resolve_input_shapes(model, input_shapes)
+    if dtype is None and model_dtype(model) == torch.float64 and _has_convolutions(model):
+        raise OptionError(
+            "the checkpoint is float64, and onnxruntime's CPU provider runs no float64 Conv: its graph could not "
+            "be verified or deployed there.",
+            "pass --dtype float32 (the weights are computed in float64 and rounded once), or --dtype float64 to "
+            "write a float64 graph anyway.",
+        )
     traced = trace_inputs(
         model,
         shapes,
@@ -752,6 +792,7 @@ def export_onnx(
         passes = rewrite_and_audit(proto, fold=False, base_dir=work)
         proto = passes.model
         props = provenance(bake_report, fold_report, source, baked_count)
+        props["wsfold_input_shapes"] = json.dumps([list(s) for s in shapes])
         if traced.weights_dtype is not None:
             props["wsfold_dtype"] = str(traced.weights_dtype).removeprefix("torch.")
         stamp_metadata(proto, props)

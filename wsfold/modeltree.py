@@ -178,3 +178,19 @@ def widened_on_call(model: nn.Module, dtype: torch.dtype = torch.float64) -> Ite
             while saved.get(id(module)):
                 for name, (is_param, t) in saved[id(module)].pop().items():
                     (module._parameters if is_param else module._buffers)[name] = t
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to ``dtype`` for the block: what a model builds in forward without naming a
+    dtype (a sinusoidal timestep embedding's ``torch.arange(n) * c``) then matches its weights in a float64
+    reference. float16/bfloat16 leave the default as it is (torch computes factories at those poorly)."""
+    if dtype not in (torch.float32, torch.float64):
+        yield
+        return
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)

@@ -9,6 +9,7 @@ the original model is in its own precision. --atol/--rtol replace it with allclo
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from collections.abc import Callable
@@ -22,8 +23,17 @@ from torch import nn
 
 from .errors import VerifyInputError, first_line
 from .inputs import ValueRange, per_input, random_array
+from .layer_check import LayerCheck, compare_layers
 from .memory import release_file_pages, released_after_call, trim_heap
-from .modeltree import eval_mode, model_dtype, require_module, set_eval, set_submodule, structural_copy, widened_on_call
+from .modeltree import (
+    default_dtype,
+    model_dtype,
+    require_module,
+    set_eval,
+    set_submodule,
+    structural_copy,
+    widened_on_call,
+)
 from .probe import own_tensors, probe_shapes, run_probe
 
 if TYPE_CHECKING:
@@ -68,6 +78,7 @@ class OutputCheck:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     judged_per: str = "tensor"  # "channel" when each output channel was held to its own scale
+    has_channels: bool = True  # dim 1 holds channels (N, C, ...): a convolution's output, not rows of a map
     compared: bool = False  # whether any batch's values were compared (not when shapes or counts differ)
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,20 +90,6 @@ class OutputCheck:
 
 
 @dataclass
-class LayerCheck:
-    name: str
-    tensor: str
-    initializer: str | None
-    max_abs_error: float
-    max_rel_error: float
-    passed: bool
-    note: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
 class VerificationResult:
     """``bool(result)`` is whether the graph passed; ``str(result)`` states the criterion and the worst figures."""
 
@@ -100,6 +97,9 @@ class VerificationResult:
     samples: int
     outputs: list[OutputCheck]
     layers: list[LayerCheck] = field(default_factory=list)
+    layers_unpaired: list[str] = field(default_factory=list)  # baked layers no op of the graph takes
+    layers_compared: int = 0  # baked layers looked for in the graph (0: the per-layer check did not run)
+    foreign: bool = False  # the outputs differ and no layer of SOURCE's model is in the graph
     ort_opt_level: str = "all"
     cause: str | None = None
     hint: str | None = None
@@ -115,7 +115,8 @@ class VerificationResult:
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs) and all(layer.passed for layer in self.layers)
+        outputs = all(o.passed for o in self.outputs)
+        return outputs and not self.foreign and all(layer.passed for layer in self.layers)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -139,6 +140,9 @@ class VerificationResult:
             "batch_input_shapes": self.batch_input_shapes,
             "outputs": [o.to_dict() for o in self.outputs],
             "layers": [layer.to_dict() for layer in self.layers],
+            "layers_compared": self.layers_compared,
+            "layers_unpaired": self.layers_unpaired,
+            "foreign_graph": self.foreign,
             "cause": self.cause,
             "hint": self.hint,
             "reference": self.reference,
@@ -180,9 +184,13 @@ def ort_session(path: Path, level: str = "all"):
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise VerifyInputError(
-            f"onnxruntime cannot load {path} ({first_line(exc)}).", "re-export it with `wsfold export`."
-        ) from None
+        hint = "re-export it with `wsfold export`."
+        if "NOT_IMPLEMENTED" in str(exc):
+            hint = (
+                "the graph uses an op at a type onnxruntime's CPU provider does not run (a float64 Conv?): "
+                "re-export it with `wsfold export --dtype float32`."
+            )
+        raise VerifyInputError(f"onnxruntime cannot load {path} ({first_line(exc)}).", hint) from None
 
 
 def float64_reference(model: nn.Module, detection: Detection) -> tuple[nn.Module, list[str]]:
@@ -308,7 +316,8 @@ def _default_rule(o64, r32, ref64, unit, check):
     e_ref = float((r32 - ref64).abs().max()) if o64.numel() else 0.0
     scale = float(ref64.abs().max()) if o64.numel() else 0.0
     allowed = SAFETY * e_ref + FLOOR_ULPS * unit * scale
-    if o64.ndim < 2 or o64.shape[1] < 2 or o64.numel() // o64.shape[1] < MIN_CHANNEL_VALUES:
+    too_few = o64.ndim < 2 or o64.shape[1] < 2 or o64.numel() // o64.shape[1] < MIN_CHANNEL_VALUES
+    if too_few or not check.has_channels:
         return (
             e_onnx <= allowed,
             allowed,
@@ -432,12 +441,23 @@ def _check_range(spec, value_range: ValueRange | None) -> None:
         )
 
 
+def check_inputs_file(path: Path) -> None:
+    """An --inputs file that can be read: said before any other work (a pipe would block the first read)."""
+    if not path.exists():
+        raise VerifyInputError(f"--inputs {path}: no such file.", "check the path.")
+    if path.is_dir():
+        raise VerifyInputError(f"--inputs {path} is a directory.", "pass one .npz or .pt file.")
+    if not path.is_file():
+        raise VerifyInputError(
+            f"--inputs {path} is not a regular file (a pipe or a device?).", "save the inputs to a .npz file first."
+        )
+
+
 def load_inputs(path: Path, session) -> list[dict[str, np.ndarray]]:
     """Real data: .npz keyed by input name (arrays may hold several batches along dim 0), or .pt (a tensor or a
     dict of tensors)."""
     names = [i.name for i in session.get_inputs()]
-    if not path.exists():
-        raise VerifyInputError(f"--inputs {path}: no such file.", "check the path.")
+    check_inputs_file(path)
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
@@ -536,16 +556,19 @@ class _References:
     at_graph_dtype: nn.Module | None = None
     graph_dtype: torch.dtype | None = None
     whole64: bool = False
+    conv_outputs: set[str] = field(default_factory=set)  # the graph outputs a convolution computes
 
     def evaluate64(self, args: tuple[torch.Tensor, ...]):
-        if not self.whole64:
-            try:
-                with widened_on_call(self.model64):
-                    return _evaluate(self.model64, args)
-            except VerifyInputError:
-                # Code that reads another module's weight without calling it: widen everything, once.
-                self.model64, self.whole64 = structural_copy(self.model64, torch.float64), True
-        return _evaluate(self.model64, args)
+        # What the model builds at torch's default dtype is built in float64 too, as its weights are.
+        with default_dtype(torch.float64):
+            if not self.whole64:
+                try:
+                    with widened_on_call(self.model64):
+                        return _evaluate(self.model64, args)
+                except VerifyInputError:
+                    # Code that reads another module's weight without calling it: widen everything, once.
+                    self.model64, self.whole64 = structural_copy(self.model64, torch.float64), True
+            return _evaluate(self.model64, args)
 
 
 def _run_graph(session, feeds) -> list[list[np.ndarray]]:
@@ -597,6 +620,7 @@ def _checks(graph_outputs, refs: _References, feeds, input_names, rule, unit, on
                     onnx_names[i] if i < len(onnx_names) else "(missing)",
                     ref_names[i] if i < len(ref_names) else "(missing)",
                     [],
+                    has_channels=i < len(outs) and (outs[i].ndim >= 4 or onnx_names[i] in refs.conv_outputs),
                 )
                 for i in range(n)
             ]
@@ -658,6 +682,8 @@ def verify_onnx(
         raise TypeError(f"verify_onnx's detection must be a Detection, not {type(detection).__name__}")
     inputs_file = Path(inputs_file) if inputs_file is not None else None
     onnx_path = check_onnx_file(onnx_path)
+    if inputs_file is not None:
+        check_inputs_file(inputs_file)
     if ort_opt_level not in ORT_LEVELS:
         raise VerifyInputError(f"--ort-opt-level {ort_opt_level!r} is not one of {', '.join(ORT_LEVELS)}.", "use all.")
     if not 1 <= samples <= MAX_SAMPLES:
@@ -679,14 +705,15 @@ def verify_onnx(
     release_file_pages(original)  # read by detection and the reference: the session gets the memory
     session = ort_session(onnx_path, ort_opt_level)
     notes: list[str] = []
+    meta = graph_metadata(session)
     if inputs_file:
         feeds = load_inputs(inputs_file, session)
     else:
         default = declared_input_shape(model)
+        input_shapes = input_shapes or _exported_shapes(meta, len(session.get_inputs()))
         grow = _accepted_growth(session, model, input_shapes, default, value_ranges, notes)
         feeds = sample_inputs(session, input_shapes, samples, seed, default, value_ranges, grow)
-    refs = _References(model, model64)
-    meta = graph_metadata(session)
+    refs = _References(model, model64, conv_outputs=conv_outputs(onnx_path))
     graph_dtype = _graph_float_dtype(session, meta)
     if graph_dtype is not None and torch.finfo(graph_dtype).eps > torch.finfo(model_dtype(model)).eps:
         # A graph of lower precision than the checkpoint (export --dtype float16) is held to what the
@@ -739,8 +766,24 @@ def verify_onnx(
     if per_layer:
         if progress:
             progress("compare initializers per layer")
-        result.layers = compare_layers(original, detection, onnx_path, prepared=prepared, sample=sample)
-    if not all(c.passed for c in checks) and ort_opt_level != "disable":
+        report = compare_layers(original, detection, onnx_path, prepared=prepared, sample=sample)
+        result.layers, result.layers_unpaired, result.layers_compared = report.checks, report.unpaired, report.compared
+        if report.none_paired and not all(c.passed for c in checks):
+            result.foreign = True
+        elif report.none_paired:
+            result.notes.append(
+                f"none of the model's {report.compared} conv/linear layers has its weights in the graph as a "
+                "constant: nothing was compared per layer"
+            )
+    if result.foreign:
+        result.cause = (
+            f"--onnx is not a graph of this SOURCE's model: its outputs differ and none of the model's "
+            f"{result.layers_compared} conv/linear layers has its weights in it"
+        )
+        result.hint = "pass the graph that `wsfold export` wrote from this SOURCE (and the same --arch)"
+        if any("not from this SOURCE" in note for note in result.notes):
+            result.hint += "; its metadata names another file: see the warning"
+    elif not all(c.passed for c in checks) and ort_opt_level != "disable":
         if cause_is_optimizer:
             result.cause = "onnxruntime's graph optimizer (the graph passes with optimizations disabled)"
             result.hint = (
@@ -763,10 +806,10 @@ def _hint(result: VerificationResult, per_layer: bool) -> str:
             "the graph's outputs are not shaped as this model's: check that --onnx was exported from this SOURCE "
             "and architecture" + (" (its metadata names another file: see the warning)" if other_source else "")
         )
-    if not result.layers and per_layer:
-        return "no layer of this model matches the graph's weights by name: check that --onnx was exported from it"
-    if not result.layers:
+    if not per_layer:
         return "run with --per-layer to find the layer whose weights differ"
+    if not result.layers:
+        return "no layer's weights could be paired with the graph's: check that --onnx was exported from this SOURCE"
     if any(not layer.passed for layer in result.layers):
         return "see the failing layers"
     return "every weight matches its layer: the difference is in what the graph does with them (its operations)"
@@ -776,6 +819,50 @@ def graph_metadata(session) -> dict[str, str]:
     """The graph's metadata_props (what wsfold export stamped), from the session that loaded it (loading the
     file again would read a one-file graph's weights once more)."""
     return dict(session.get_modelmeta().custom_metadata_map)
+
+
+# Ops that keep an output's layout: through them, an output is still the convolution's (N, C, ...).
+_LAYOUT_KEEPING = {
+    "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
+    "Selu", "Gelu", "Softplus", "Mish", "Clip", "Identity", "Cast", "Erf", "Neg", "Abs", "Exp", "Sqrt",
+}  # fmt: skip
+
+
+def conv_outputs(onnx_path: Path) -> set[str]:
+    """The graph outputs that a Conv/ConvTranspose computes (through elementwise ops): their dim 1 holds channels.
+    A (N, H, W) depth map or (N, tokens, dim) output does not, though it has the rank of a 1-D conv's output."""
+    from .onnx_store import load_without_weights
+
+    graph = load_without_weights(onnx_path).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    found = set()
+    for output in graph.output:
+        name, seen = output.name, 0
+        while name in producers and seen < 64:
+            node, seen = producers[name], seen + 1
+            if node.op_type in ("Conv", "ConvTranspose"):
+                found.add(output.name)
+                break
+            if node.op_type not in _LAYOUT_KEEPING:
+                break
+            # Follow the operand that is computed (not a constant): the first input with a producer.
+            name = next((i for i in node.input if i in producers and producers[i].op_type != "Constant"), "")
+    return found
+
+
+def _exported_shapes(meta: dict[str, str], count: int) -> list[tuple[int, ...]] | None:
+    """The input shapes the graph was exported with (``wsfold_input_shapes``), when it records one per input."""
+    try:
+        shapes = json.loads(meta.get("wsfold_input_shapes", "null"))
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if (
+        isinstance(shapes, list)
+        and len(shapes) == count
+        and all(isinstance(s, list) and all(isinstance(d, int) and 0 < d < 2**31 for d in s) for s in shapes)
+    ):
+        return [tuple(s) for s in shapes]
+    return None
 
 
 def _graph_float_dtype(session, meta: dict[str, str]) -> torch.dtype | None:
@@ -841,203 +928,3 @@ def _reference(prepared: Prepared | None, meta: dict[str, str], model: nn.Module
             f"{meta['wsfold_source_sha256'][:16]}, not from this SOURCE"
         )
     return f"{what}, in PyTorch at {dtype} and in float64", notes, digest
-
-
-def _baked_candidates(original: nn.Module, detection: Detection, fold_state: str | None, prepared: Prepared | None):
-    """The baked model(s) a graph may have been exported from: folded or not as its metadata says (both when it
-    says nothing), reusing the prepared model where its folding matches."""
-    from .bake import bake_model
-    from .fold import fold_model
-
-    wanted = {"1": [True], "0": [False]}.get(fold_state or "", [True, False])
-    baked = None
-    for folded in wanted:
-        if prepared is not None and prepared.folded == folded:
-            yield prepared.model
-            continue
-        if baked is None:
-            baked, _ = bake_model(original, detection, allow_nonfinite=True)
-        yield fold_model(baked)[0] if folded else baked
-
-
-def compare_layers(
-    model: nn.Module,
-    detection: Detection,
-    onnx_path: Path,
-    *,
-    prepared: Prepared | None = None,
-    sample: tuple[torch.Tensor, ...] | None = None,
-) -> list[LayerCheck]:
-    """Each conv/linear weight and bias of the baked model against the ONNX initializer it became (by name, else
-    the closest initializer of that shape fed to a Conv/Gemm in the same role), so a wrong weight is named by
-    the layer it belongs to. The baked model is folded as the graph's metadata says (``wsfold_fold``); a graph
-    that does not say is compared with both and judged by the closer. With a ``sample`` input, layers the model
-    never calls on it (a spare head, a module the library builds and does not use) are not compared: the
-    exporter drops them. A graph exported with ``--dtype`` (``wsfold_dtype``) is held to that precision."""
-    from google.protobuf.message import DecodeError
-
-    from .onnx_store import load_without_weights
-
-    # Weights are read one at a time, when compared (see _Initializers), not with the graph.
-    try:
-        proto = load_without_weights(onnx_path)
-    except (OSError, ValueError, DecodeError) as exc:
-        raise VerifyInputError(
-            f"{onnx_path} cannot be read for the per-layer check ({first_line(exc)}).",
-            "re-export it with `wsfold export`, or pass --no-per-layer.",
-        ) from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    fold_state = meta.get("wsfold_fold")
-    cast = getattr(torch, meta.get("wsfold_dtype", ""), None)
-    cast = cast if isinstance(cast, torch.dtype) else None
-    inits = _Initializers(proto, onnx_path)
-    roles: dict[int, dict[tuple, list[str]]] = {1: {}, 2: {}}
-    for node in proto.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
-            for idx in (1, 2):
-                if len(node.input) > idx and node.input[idx] in inits:
-                    name = node.input[idx]
-                    roles[idx].setdefault(inits.shape(name), []).append(name)
-    del proto
-    best: list[LayerCheck] | None = None
-    for baked in _baked_candidates(model, detection, fold_state, prepared):
-        called = _called_layers(baked, sample) if sample is not None else None
-        checks = _layer_checks(baked, detection, inits, roles, called, cast)
-        if best is None or sum(c.passed for c in checks) > sum(c.passed for c in best):
-            best = checks
-    return best or []
-
-
-class _Initializers:
-    """The graph's initializers by name, each read when it is looked at: data stays on disk until then (read as
-    onnxruntime reads it: a data file that is a link is followed). The last ones read are kept up to ``budget``
-    bytes: a layer matched by shape rather than name is compared with every initializer of that shape."""
-
-    def __init__(self, proto, onnx_path: Path, budget: int = 128 << 20) -> None:
-        self.base_dir = onnx_path.parent
-        self.onnx_path = onnx_path
-        self.tensors = {t.name: t for t in proto.graph.initializer}
-        self.budget = budget
-        self.kept: dict[str, np.ndarray] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].dims)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        from .onnx_store import to_array
-
-        if name in self.kept:
-            self.kept[name] = self.kept.pop(name)  # the most recently used last
-            return self.kept[name]
-        try:
-            value = to_array(self.tensors[name], self.base_dir)
-        except (OSError, ValueError) as exc:
-            raise VerifyInputError(
-                f"the weights of {self.onnx_path} cannot be read for the per-layer check ({first_line(exc)}).",
-                "re-export it with `wsfold export`, or pass --no-per-layer.",
-            ) from None
-        self.kept[name] = value
-        while sum(a.nbytes for a in self.kept.values()) > self.budget and len(self.kept) > 1:
-            del self.kept[next(iter(self.kept))]
-        return value
-
-
-def _exporter_fusions(model: nn.Module) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, scale, shift) per channel of every eval-mode BatchNorm: torch.onnx's TorchScript exporter fuses a
-    BatchNorm into the Conv before it by itself (when wsfold could not fold it, e.g. an untraceable model)."""
-    fusions = []
-    for name, m in model.named_modules():
-        # Whatever mode the model was handed in: export and verify both evaluate it in eval mode.
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
-            a = 1.0 / torch.sqrt(m.running_var.double() + m.eps)
-            if m.weight is not None:
-                a = a * m.weight.detach().double()
-            shift = -m.running_mean.double() * a
-            if m.bias is not None:
-                shift = shift + m.bias.detach().double()
-            fusions.append((name, a.numpy(), shift.numpy()))
-    return fusions
-
-
-def _called_layers(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> set[int] | None:
-    """The conv/linear modules (by identity) that one forward pass on ``sample`` calls; None if it cannot run."""
-    called: set[int] = set()
-    layers = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    hooks = [m.register_forward_pre_hook(lambda mod, _: called.add(id(mod))) for m in layers]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(*sample)
-    except Exception:  # noqa: BLE001 - compare everything then
-        return None
-    finally:
-        for h in hooks:
-            h.remove()
-    return called
-
-
-def _layer_checks(
-    baked: nn.Module,
-    detection: Detection,
-    inits: dict[str, np.ndarray],
-    roles,
-    called: set[int] | None = None,
-    cast: torch.dtype | None = None,
-) -> list[LayerCheck]:
-    layers = sorted((layer.name for layer in detection.layers), key=len, reverse=True)
-    fusions = _exporter_fusions(baked)
-    checks = []
-    for name, module in baked.named_modules():
-        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            continue
-        if called is not None and id(module) not in called:
-            continue  # never called: not in the graph
-        for idx, attr in ((1, "weight"), (2, "bias")):
-            tensor = getattr(module, attr, None)
-            if tensor is None:
-                continue
-            key = f"{name}.{attr}" if name else attr
-            expected = tensor.detach().double().numpy()
-            # The initializer may be rounded to a coarser dtype than the baked tensor (export --dtype), or be
-            # finer than it (a float16 checkpoint exported as float32): either way 2 ulp of the coarser.
-            coarse = max((tensor.dtype, cast or tensor.dtype), key=lambda d: torch.finfo(d).eps)
-            if key in inits and inits.shape(key) == expected.shape:
-                candidates = [key]
-            else:
-                candidates = roles[idx].get(tuple(expected.shape), [])
-            if not candidates:
-                continue
-            # A baked layer may have become Sequential(pad, conv): its tensors belong to the layer it replaced.
-            owner = next((n for n in layers if name == n or name.startswith(n + ".") or n == ""), name)
-            check = _closest(owner, key, expected, candidates, inits, coarse)
-            if not check.passed and not isinstance(module, nn.modules.conv._ConvTransposeNd):
-                for bn, a, shift in fusions:
-                    if a.shape[0] != expected.shape[0]:
-                        continue
-                    view = a.reshape(-1, *([1] * (expected.ndim - 1)))
-                    fused = expected * view + (shift if attr == "bias" else 0.0)
-                    alt = _closest(owner, key, fused, candidates, inits, coarse)
-                    if alt.passed:
-                        alt.note = f"matches with BatchNorm {bn} fused into it by the exporter"
-                        check = alt
-                        break
-            checks.append(check)
-    return checks
-
-
-def _closest(
-    owner: str, key: str, expected: np.ndarray, candidates: list[str], inits, coarse: torch.dtype
-) -> LayerCheck:
-    """The initializer among ``candidates`` closest to ``expected``, judged to 2 ulp of its dtype or of
-    ``coarse``, whichever is coarser."""
-    found = []
-    for c in candidates:
-        value = inits[c]
-        found.append((float(np.abs(value.astype(np.float64) - expected).max()), c, value.dtype))
-    err, init_name, dtype = min(found, key=lambda f: f[:2])
-    scale = float(np.abs(expected).max()) or 1.0
-    eps = max(float(np.finfo(dtype).eps), torch.finfo(coarse).eps) if dtype.kind == "f" else 0.0
-    tol = 2 * eps
-    return LayerCheck(owner, key, init_name, err, err / scale, bool(err <= tol * scale))

@@ -392,12 +392,14 @@ def verify(
     """Check with onnxruntime that the ONNX graph computes what SOURCE computes. Exit 1 when it does not."""
     from ..inputs import parse_range, parse_shape
     from ..paths import atomic_path, check_output
-    from ..verify import check_onnx_file, verify_onnx
+    from ..verify import check_inputs_file, check_onnx_file, verify_onnx
     from . import render
 
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     ranges = [parse_range(r) for r in input_range] if input_range else None
-    check_onnx_file(onnx_path)  # before SOURCE is loaded and probed: a wrong --onnx is said at once
+    check_onnx_file(onnx_path)  # before SOURCE is loaded and probed: a wrong --onnx or --inputs is said at once
+    if inputs is not None:
+        check_inputs_file(inputs)
     if report is not None:
         data = onnx_path.with_name(f"{onnx_path.name}.data")
         check_output(
@@ -507,6 +509,7 @@ def export(
             onnx_path,
             input_shapes=shapes,
             input_dtypes=input_dtypes,
+            dtype=model_dtype,
             input_names=input_name,
             dynamic_batch=not static_batch,
             dynamic_hw=dynamic_hw,

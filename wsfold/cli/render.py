@@ -89,11 +89,23 @@ def verification(console: Console, result) -> None:
             console.print(f"[red]{o.name}[/]: {problem}", highlight=False)
     bad_layers = [layer for layer in result.layers if not layer.passed]
     if result.layers:
-        console.print(f"per-layer: {len(result.layers) - len(bad_layers)}/{len(result.layers)} initializers match")
+        paired = result.layers_compared - len(result.layers_unpaired)
+        console.print(
+            f"per-layer: {paired}/{result.layers_compared} layers found in the graph; "
+            f"{len(result.layers) - len(bad_layers)}/{len(result.layers)} weights and biases match",
+            highlight=False,
+        )
         for layer in bad_layers:
             console.print(
-                f"[red]layer {layer.name}[/]: {layer.tensor} differs from initializer {layer.initializer} "
-                f"(max abs {layer.max_abs_error:.3g}, relative {layer.max_rel_error:.3g})",
+                f"[red]layer {layer.name}[/]: {layer.tensor} differs from what the graph's {layer.node} takes "
+                f"({layer.initializer}; max abs {layer.max_abs_error:.3g}, relative {layer.max_rel_error:.3g})",
+                highlight=False,
+            )
+        if result.layers_unpaired:
+            listed, count = _listed(result.layers_unpaired)
+            console.print(
+                f"[dim]not in the graph[/] {listed}{f' ({count})' if count else ''}: no op takes weights like "
+                "theirs (dropped by the exporter, or changed beyond recognition)",
                 highlight=False,
             )
     for warning in result.warnings:
