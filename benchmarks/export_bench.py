@@ -27,8 +27,8 @@ from resnetv2 import resnetv2_50  # noqa: E402
 
 torch.set_num_threads(2)
 
-from wsfold.bake import bake_model  # noqa: E402
-from wsfold.export import export_onnx  # noqa: E402
+from wsfold.bake.baker import bake_model  # noqa: E402
+from wsfold.onnx.export import export_onnx  # noqa: E402
 
 
 def measure_all(paths: dict[str, Path], x: np.ndarray, rounds: int = 3, runs: int = 30) -> dict[str, dict]:

@@ -55,7 +55,7 @@ def settle(checkpoint: Path) -> None:
     among them: this machine's page cache is at times emptied from outside, and the run after that would read
     ~1 GB of them from disk), read into the page cache, and every earlier write on disk (the last run's 1.5 GB
     output would otherwise be written back during this one)."""
-    warm = "import torch, wsfold.cli.app, wsfold.pipeline, wsfold.save"
+    warm = "import torch, wsfold.cli.app, wsfold.pipeline, wsfold.artifacts.save"
     subprocess.run([sys.executable, "-c", warm], check=True, cwd=ROOT)
     with open(checkpoint, "rb", buffering=0) as fh:
         while fh.read(16 << 20):

@@ -47,7 +47,7 @@ def ckpt(name: str) -> Path:
 
 
 def load_fixture(name: str):
-    from wsfold.load import load_model
+    from wsfold.load.checkpoint import load_model
 
     return load_model(ckpt(name), arch=arch_spec(name)).model
 

@@ -7,7 +7,7 @@ import torch
 from conftest import OUT_TOL, arch_spec, ckpt, fixture_input, load_fixture, rel_err
 
 import wsfold
-from wsfold.detect import detect_layers
+from wsfold.bake.detect import detect_layers
 
 
 def snapshot(model: torch.nn.Module) -> dict:

@@ -111,7 +111,7 @@ def test_written_back_keeps_what_the_block_writes_and_stops_its_thread(tmp_path)
     import threading
     import time
 
-    from wsfold.paths import written_back
+    from wsfold.io.paths import written_back
 
     path = tmp_path / "out.bin"
     chunks = [bytes([i]) * (1 << 20) for i in range(8)]
@@ -136,10 +136,10 @@ def test_bake_flushes_the_checkpoint_to_disk_before_placing_it_only_with_fsync(t
     import os
     import threading
 
-    import wsfold.paths
+    import wsfold.io.paths
 
     synced, writeback = [], []
-    real_fsync, real_written_back = os.fsync, wsfold.paths.written_back
+    real_fsync, real_written_back = os.fsync, wsfold.io.paths.written_back
     out = tmp_path / "bit.baked.safetensors"
 
     def fsync(fd):
@@ -151,7 +151,7 @@ def test_bake_flushes_the_checkpoint_to_disk_before_placing_it_only_with_fsync(t
         return real_written_back(folder, every)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(wsfold.paths, "written_back", written_back)
+    monkeypatch.setattr(wsfold.io.paths, "written_back", written_back)
     res = run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", out, "--json", *flag)
     assert res.exit_code == 0, res.stderr
     assert __import__("json").loads(res.stdout)["fsync"] is bool(flag)  # what the pipeline's log records
@@ -226,7 +226,7 @@ def test_a_pt_written_on_two_threads_holds_what_torch_save_writes(tmp_path, monk
     CRCs, loaded by torch.load with and without mmap; with ZIP64 fields too (forced on small sizes here)."""
     import zipfile
 
-    from wsfold import ptzip
+    from wsfold.artifacts import ptzip
 
     if zip64_at is not None:
         monkeypatch.setattr(ptzip, "_ZIP64_AT", zip64_at)
@@ -258,7 +258,7 @@ def test_a_pt_written_on_two_threads_holds_what_torch_save_writes(tmp_path, monk
 
 
 def test_a_pt_is_written_by_torch_save_when_torchs_serializer_is_not_the_one_known(tmp_path, monkeypatch):
-    from wsfold import ptzip
+    from wsfold.artifacts import ptzip
 
     monkeypatch.setattr(ptzip, "_SAVE_PARAMS", ("obj", "zip_file"))  # as if torch's had another signature
     model = _Saved()
@@ -271,7 +271,7 @@ def test_a_failed_write_stops_both_threads_and_raises(tmp_path, monkeypatch):
     import os
     import threading
 
-    from wsfold import ptzip
+    from wsfold.artifacts import ptzip
 
     monkeypatch.setattr(ptzip, "_CHUNK", 64)
     calls = []
@@ -298,7 +298,7 @@ def test_threads_that_share_work_have_all_ended_before_an_interruption_goes_on()
     import threading
     import time
 
-    from wsfold.parallel import each_in_threads
+    from wsfold.io.parallel import each_in_threads
 
     class Stopped(Exception):
         pass
@@ -328,7 +328,7 @@ def test_threads_that_share_work_have_all_ended_before_an_interruption_goes_on()
 
 
 def test_threads_that_share_work_keep_the_items_order_and_raise_the_first_failure():
-    from wsfold.parallel import each_in_threads
+    from wsfold.io.parallel import each_in_threads
 
     assert each_in_threads(lambda x: x * x, [3, 1, 2], name="wsfold-test") == [9, 1, 4]
 
@@ -344,7 +344,7 @@ def test_threads_that_share_work_keep_the_items_order_and_raise_the_first_failur
 def test_a_file_size_limit_is_the_systems_refusal_exit_2_with_nothing_left(tmp_path, monkeypatch):
     import errno
 
-    from wsfold import ptzip
+    from wsfold.artifacts import ptzip
 
     def too_large(fd, data, offset):
         raise OSError(errno.EFBIG, "File too large")

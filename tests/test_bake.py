@@ -9,8 +9,8 @@ import torch
 from conftest import CATALOG, OUT_TOL, ROOT, fixture_input, load_fixture, rel_err
 from torch.overrides import TorchFunctionMode
 
-from wsfold.bake import bake_model
-from wsfold.probe import OPS
+from wsfold.bake.baker import bake_model
+from wsfold.bake.probe import OPS
 
 
 class _CaptureWeights(TorchFunctionMode):
@@ -153,7 +153,7 @@ def test_baked_pt_loads_without_the_ws_code(tmp_path):
 def test_a_page_written_since_the_file_was_mapped_is_paged_out_not_dropped(tmp_path):
     """A private file mapping's page that the model wrote to is not the file's any more: unmapping it would
     bring the file's old bytes back, so the release of its range must keep the written values."""
-    from wsfold.memory import FilePages, _only_file_pages
+    from wsfold.io.memory import FilePages, _only_file_pages
 
     src = tmp_path / "w.pt"
     torch.save({"w": torch.randn(256, 1024)}, src)
@@ -175,7 +175,7 @@ def test_a_swapped_out_page_is_never_taken_for_one_of_the_files():
     never touched) may be dropped; a swapped-out page is a private copy that dropping would lose."""
     import numpy as np
 
-    from wsfold.memory import _all_file_pages
+    from wsfold.io.memory import _all_file_pages
 
     present, swapped, file_page = 1 << 63, 1 << 62, 1 << 61
     assert _all_file_pages(np.array([present | file_page, 0, present | file_page], dtype=np.uint64))
@@ -186,7 +186,7 @@ def test_a_swapped_out_page_is_never_taken_for_one_of_the_files():
 def test_the_exact_weight_may_take_the_place_of_the_observed_one():
     """Written over the observed weight block by block, the exact weight and the misfit are those computed
     into a fresh tensor; a misfit still counts every NaN the observed weight held."""
-    from wsfold.formulas import Formula, standardize_rounded
+    from wsfold.bake.formulas import Formula, standardize_rounded
 
     torch.manual_seed(0)
     w = torch.randn(300, 50, 3, 3)
@@ -241,7 +241,7 @@ def test_streaming_bake_hands_back_source_pages_and_leaves_the_source_intact(tmp
 
     import models
 
-    from wsfold.memory import FilePages
+    from wsfold.io.memory import FilePages
 
     src = tmp_path / "m.pt"
     torch.manual_seed(0)
@@ -283,7 +283,7 @@ def test_a_model_run_with_released_after_call_keeps_no_weight_resident_after_its
     the hooks gone after the block."""
     import models
 
-    from wsfold.memory import released_after_call
+    from wsfold.io.memory import released_after_call
 
     if sys.platform != "linux" or not Path("/proc/self/pagemap").exists():
         pytest.skip("pagemap is Linux's")
@@ -317,7 +317,7 @@ def test_a_model_run_with_released_after_call_keeps_no_weight_resident_after_its
 def test_a_hook_registered_on_a_structural_copy_never_reaches_the_original():
     """verify and bake register hooks on their copies of the user's model (which share its tensors): the user's
     model must not carry them, while the hooks the user's model had still run on the copy."""
-    from wsfold.modeltree import structural_copy
+    from wsfold.bake.modeltree import structural_copy
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
     calls = []

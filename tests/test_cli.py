@@ -82,7 +82,7 @@ def test_bake_default_output_is_beside_source(tmp_path):
 
 
 def test_bake_safetensors_roundtrip_matches_original(tmp_path):
-    from wsfold.load import load_model
+    from wsfold.load.checkpoint import load_model
 
     out = tmp_path / "bit.safetensors"
     assert run("bake", ckpt("bit_tiny"), "--arch", arch_spec("bit_tiny"), "-o", out, "-q").exit_code == 0
@@ -211,12 +211,12 @@ def test_unpicklable_model_names_safetensors(tmp_path):
 
 
 def test_internal_error_exit_3_without_traceback(monkeypatch):
-    import wsfold.detect
+    import wsfold.bake.detect
 
     def boom(*a, **k):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(wsfold.detect._Prober, "analyse", boom)
+    monkeypatch.setattr(wsfold.bake.detect._Prober, "analyse", boom)
     result = run("inspect", ckpt("variants"), "--arch", arch_spec("variants"))
     assert result.exit_code == 3
     assert "internal error: RuntimeError: simulated bug" in result.stderr and "Traceback" not in result.stderr

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import CATALOG, load_fixture
 
-from wsfold.detect import detect_layers
-from wsfold.formulas import Formula, identify_formula, standardize
-from wsfold.modules import tf_same_pad
+from wsfold.bake.detect import detect_layers
+from wsfold.bake.formulas import Formula, identify_formula, standardize
+from wsfold.bake.modules import tf_same_pad
 
 
 @pytest.mark.parametrize("name", sorted(CATALOG))

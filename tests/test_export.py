@@ -11,9 +11,9 @@ import torch
 from conftest import CATALOG, OUT_TOL, arch_spec, ckpt, fixture_input, load_fixture, rel_err
 from typer.testing import CliRunner
 
-from wsfold.bake import bake_model
+from wsfold.bake.baker import bake_model
 from wsfold.cli.app import app
-from wsfold.onnx_graph import audit_graph, count_ops
+from wsfold.onnx.graph import audit_graph, count_ops
 
 BAKEABLE = sorted(n for n in CATALOG if not CATALOG[n].get("unsupported"))
 

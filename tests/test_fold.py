@@ -8,9 +8,9 @@ import torch
 from conftest import CATALOG, arch_spec, ckpt, fixture_input, load_fixture, rel_err
 from typer.testing import CliRunner
 
-from wsfold.bake import bake_model
+from wsfold.bake.baker import bake_model
+from wsfold.bake.fold import fold_model
 from wsfold.cli.app import app
-from wsfold.fold import fold_model
 
 FOLD_FIXTURES = sorted(n for n in CATALOG if "folded" in CATALOG[n])
 
@@ -98,7 +98,7 @@ def test_no_fold_flag_and_inspect_preview(tmp_path):
 
 
 def test_folded_safetensors_loads_back_with_the_architecture(tmp_path):
-    from wsfold.load import load_model
+    from wsfold.load.checkpoint import load_model
 
     out = tmp_path / "bcn.safetensors"
     assert run("bake", ckpt("bcn"), "--arch", arch_spec("bcn"), "-o", out, "-q").exit_code == 0
@@ -132,8 +132,8 @@ def test_the_terminal_says_alike_normalizers_in_one_line_and_json_lists_each():
 
     from rich.console import Console
 
+    from wsfold.bake.fold import Folded, FoldReport, NotFolded
     from wsfold.cli import render
-    from wsfold.fold import Folded, FoldReport, NotFolded
 
     same = "its statistics depend on the input at inference; relu stands between it and the next conv/linear"
     report = FoldReport(

@@ -337,7 +337,7 @@ def test_written_files_get_umask_mode(tmp_path, kind, umask):
 def test_the_temporary_folder_is_writable_to_its_owner_whatever_the_umask(tmp_path):
     """Under umask 0277 mkdtemp's folder would be 0500 and every writer in it refused (as root, which the
     suite runs as, the refusal does not happen: so the mode itself is checked)."""
-    from wsfold.paths import atomic_path
+    from wsfold.io.paths import atomic_path
 
     old = os.umask(0o277)
     try:
@@ -1271,7 +1271,7 @@ def test_json_stdout_stays_json_when_the_model_code_prints(tmp_path, command):
 def test_an_interrupt_while_outputs_are_placed_waits_for_them(tmp_path):
     """Stop signals are held while the data file and the graph are moved into place: both or neither."""
     from wsfold.cli.errors import Interrupted, install_signal_handlers
-    from wsfold.paths import signals_held
+    from wsfold.io.paths import signals_held
 
     stops = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
     previous = {s: signal.getsignal(s) for s in stops}
@@ -1290,7 +1290,7 @@ def test_an_interrupt_while_outputs_are_placed_waits_for_them(tmp_path):
 
 def test_a_lost_race_removes_the_data_file_it_placed(tmp_path, monkeypatch):
     """Export A places OUT.onnx.data, then finds that export B wrote OUT.onnx meanwhile: A's data file goes."""
-    import wsfold.paths as paths
+    import wsfold.io.paths as paths
 
     src, spec, _ = small_model(tmp_path)
     out_dir = tmp_path / "race"
@@ -1426,7 +1426,7 @@ def test_a_full_disk_is_the_systems_refusal_exit_2_with_nothing_left(tmp_path, m
 
     from conftest import arch_spec, ckpt
 
-    import wsfold.save
+    import wsfold.artifacts.save
 
     usage = namedtuple("usage", "total used free")
     out = tmp_path / f"out{suffix}"
@@ -1445,10 +1445,10 @@ def test_a_full_disk_is_the_systems_refusal_exit_2_with_nothing_left(tmp_path, m
     def failing(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 0")
 
-    monkeypatch.setattr(wsfold.save, "_write_pickle", failing)
-    monkeypatch.setattr(wsfold.save, "_write_safetensors", failing)
-    monkeypatch.setattr(wsfold.save.torch.export, "save", failing)
-    monkeypatch.setattr(wsfold.save, "_archive_bytes", lambda program: 1000)  # sized before the write fails
+    monkeypatch.setattr(wsfold.artifacts.save, "_write_pickle", failing)
+    monkeypatch.setattr(wsfold.artifacts.save, "_write_safetensors", failing)
+    monkeypatch.setattr(wsfold.artifacts.save.torch.export, "save", failing)
+    monkeypatch.setattr(wsfold.artifacts.save, "_archive_bytes", lambda program: 1000)  # sized before the write fails
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.stderr
     assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
@@ -1458,7 +1458,7 @@ def test_a_full_disk_is_the_systems_refusal_exit_2_with_nothing_left(tmp_path, m
 def test_the_users_umask_is_back_after_a_write_and_outputs_follow_it(tmp_path):
     """owner_may_write relaxes the process's umask for the owner's own bits only while wsfold writes; the
     user's is back afterwards, also after a failure, and is the one the output's mode follows."""
-    from wsfold.paths import atomic_path, owner_may_write
+    from wsfold.io.paths import atomic_path, owner_may_write
 
     old = os.umask(0o237)
     try:
@@ -1524,7 +1524,7 @@ def test_a_writers_own_error_quoting_a_lack_of_room_is_the_systems_refusal(tmp_p
     and over quota are the system's refusal whatever the disk's free space."""
     import errno
 
-    from wsfold.save import _out_of_space
+    from wsfold.artifacts.save import _out_of_space
 
     for code in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):
         exc = RuntimeError(f"Error while serializing: I/O error: something (os error {code})")
@@ -1536,7 +1536,7 @@ def test_a_refusal_inside_the_temporary_folder_names_the_output(tmp_path, monkey
     """The temporary file is gone when the error is said: the message names OUT, never a .wsfold-* path."""
     import errno
 
-    import wsfold.save
+    import wsfold.artifacts.save
 
     src, spec, _ = small_model(tmp_path)
     out = tmp_path / "m.safetensors"
@@ -1544,7 +1544,7 @@ def test_a_refusal_inside_the_temporary_folder_names_the_output(tmp_path, monkey
     def refused(model, tmp, *args):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp))
 
-    monkeypatch.setattr(wsfold.save, "_write_safetensors", refused)
+    monkeypatch.setattr(wsfold.artifacts.save, "_write_safetensors", refused)
     res = run("bake", src, "--arch", spec, "-o", out)
     assert_error(res, 2, f"the system refused ({out}): Permission denied")
     assert ".wsfold-" not in res.stderr

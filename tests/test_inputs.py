@@ -166,7 +166,7 @@ def test_float16_export_of_a_float32_checkpoint_verifies_and_a_1pct_filter_chang
 def test_float16_weights_are_rounded_once_from_float64(unet):
     """The cast model's standardized weight is the float64 formula rounded once to float16."""
     import wsfold
-    from wsfold.formulas import standardize
+    from wsfold.bake.formulas import standardize
 
     prepared = wsfold.prepare(unet, arch=ARCH, dtype=torch.float16)
     original = prepared.original

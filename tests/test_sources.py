@@ -208,8 +208,8 @@ def test_a_safetensors_checkpoint_is_mapped_not_read_and_each_tensor_has_its_own
     bytes (saving one does not write the whole file), and a write to one does not reach the file."""
     from safetensors import safe_open
 
-    from wsfold.load import read_checkpoint
-    from wsfold.memory import _file_mapping_of
+    from wsfold.io.memory import _file_mapping_of
+    from wsfold.load.read import read_checkpoint
 
     torch.manual_seed(0)
     sd = {"a": torch.randn(64, 32, 3, 3), "b": torch.arange(10, dtype=torch.int64), "c": torch.randn(7).half()}
@@ -228,7 +228,7 @@ def test_a_safetensors_checkpoint_is_mapped_not_read_and_each_tensor_has_its_own
 
 
 def test_a_safetensors_file_whose_tensors_are_not_aligned_is_read_as_copies(tmp_path):
-    from wsfold.load import _mapped_safetensors, read_checkpoint
+    from wsfold.load.read import _mapped_safetensors, read_checkpoint
 
     # Written by hand: safetensors' own writer puts wider dtypes first, so its files are aligned.
     b = torch.randn(5)
@@ -284,7 +284,7 @@ def test_random_init_is_skipped_on_the_meta_device_and_the_checkpoint_fills_the_
     torch.save(sd, tmp_path / "net.pt")
     code = (
         "import sys, torch\n"
-        "from wsfold.load import load_model\n"
+        "from wsfold.load.checkpoint import load_model\n"
         f"model = load_model({str(tmp_path / 'net.pt')!r}, arch={str(arch) + ':net'!r}).model\n"
         f"sd = torch.load({str(tmp_path / 'net.pt')!r})\n"
         "same = all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())\n"
@@ -298,7 +298,7 @@ def test_random_init_is_skipped_on_the_meta_device_and_the_checkpoint_fills_the_
 def test_random_values_asked_for_off_the_meta_device_are_random():
     """Only tensors the meta device would hold are left unfilled; a constructor that asks for the CPU (a nested
     device context, as set_default_device gives) gets real random values, not uninitialized memory."""
-    from wsfold.load import _NoRandomFill
+    from wsfold.load.build import _NoRandomFill
 
     with torch.device("meta"), _NoRandomFill():
         assert torch.randn(3).is_meta and torch.rand(2, 2, generator=torch.Generator()).is_meta

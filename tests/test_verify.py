@@ -100,9 +100,9 @@ def test_a_graph_only_the_runtime_optimizer_breaks_is_blamed_on_it(exported, mon
     """When the graph fails with onnxruntime's optimizations on and passes with them off (onnxruntime up to 1.31
     miscompiled an unguarded Pad(0)+MaxPool so; simulated here, whatever the installed version does), verify
     fails, names the optimizer, and passes with --ort-opt-level disable."""
-    import wsfold.verify
+    import wsfold.verify.verification
 
-    real = wsfold.verify.ort_session
+    real = wsfold.verify.verification.ort_session
 
     class Optimized:
         def __init__(self, session):
@@ -118,7 +118,7 @@ def test_a_graph_only_the_runtime_optimizer_breaks_is_blamed_on_it(exported, mon
         made = real(path, level)
         return made if level == "disable" else Optimized(made)
 
-    monkeypatch.setattr(wsfold.verify, "ort_session", session)
+    monkeypatch.setattr(wsfold.verify.verification, "ort_session", session)
     result = verify("bit_tiny", exported["bit_tiny"], "--json")
     assert result.exit_code == 1
     payload = json.loads(result.stdout)
@@ -227,7 +227,7 @@ def test_allclose_rule_with_atol_rtol(exported):
 def test_widened_on_call_computes_what_a_float64_copy_computes_and_puts_every_tensor_back():
     import copy
 
-    from wsfold.modeltree import structural_copy, widened_on_call
+    from wsfold.bake.modeltree import structural_copy, widened_on_call
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -280,7 +280,7 @@ def test_a_graph_read_without_its_weights_has_every_initializer_onnx_reads(expor
     """The per-layer check reads a graph's structure only; each weight, embedded or external, is read when it is
     compared and equals what onnx.load gives. Small embedded tensors stay in the proto. "resaved": onnx.save of
     a graph loaded from external data writes data_location DEFAULT after raw_data, which must not win."""
-    from wsfold.onnx_store import is_external, load_without_weights, to_array
+    from wsfold.onnx.store import is_external, load_without_weights, to_array
 
     path = exported["bit_tiny"]
     external = layout == "external"
@@ -304,7 +304,7 @@ def test_a_graph_read_without_its_weights_has_every_initializer_onnx_reads(expor
 
 
 def test_a_damaged_graph_is_refused_by_the_light_reader_with_a_value_error(exported, tmp_path):
-    from wsfold.onnx_store import load_without_weights
+    from wsfold.onnx.store import load_without_weights
 
     data = exported["bit_tiny"].read_bytes()
     cut = tmp_path / "cut.onnx"

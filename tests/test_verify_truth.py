@@ -269,7 +269,7 @@ class DepthHead(torch.nn.Module):
 
 def test_a_depth_map_is_judged_whole_and_a_conv_output_per_channel(tmp_path):
     from wsfold import verify_onnx
-    from wsfold.export import export_onnx
+    from wsfold.onnx.export import export_onnx
 
     model = DepthHead().eval()
     path = tmp_path / "d.onnx"

@@ -11,15 +11,15 @@ __version__ = "0.1.0"
 _API = {
     "prepare": "pipeline",
     "Prepared": "pipeline",
-    "load_model": "load",
-    "load_baked": "load",
-    "detect_layers": "detect",
-    "iter_layers": "detect",
-    "bake_model": "bake",
-    "fold_model": "fold",
-    "save_baked": "save",
-    "export_onnx": "export",
-    "verify_onnx": "verify",
+    "load_model": "load.checkpoint",
+    "load_baked": "load.checkpoint",
+    "detect_layers": "bake.detect",
+    "iter_layers": "bake.detect",
+    "bake_model": "bake.baker",
+    "fold_model": "bake.fold",
+    "save_baked": "artifacts.save",
+    "export_onnx": "onnx.export",
+    "verify_onnx": "verify.verification",
     "WsfoldError": "errors",
 }
 __all__ = [
@@ -39,15 +39,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs
-    from .bake import bake_model
-    from .detect import detect_layers, iter_layers
+    from .artifacts.save import save_baked
+    from .bake.baker import bake_model
+    from .bake.detect import detect_layers, iter_layers
+    from .bake.fold import fold_model
     from .errors import WsfoldError
-    from .export import export_onnx
-    from .fold import fold_model
-    from .load import load_baked, load_model
+    from .load.checkpoint import load_baked, load_model
+    from .onnx.export import export_onnx
     from .pipeline import Prepared, prepare
-    from .save import save_baked
-    from .verify import verify_onnx
+    from .verify.verification import verify_onnx
 
 
 def __dir__() -> list[str]:

@@ -10,12 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bake import BakeReport, bake_model
-from .detect import Detection
-from .fold import NOT_ASKED, Folded, FoldReport, fold_model
+from .bake.baker import BakeReport, bake_model
+from .bake.findings import Detection
+from .bake.fold import NOT_ASKED, Folded, FoldReport, fold_model
+from .bake.modeltree import model_dtype, structural_copy
 from .inputs import parse_float_dtype
-from .load import LoadedModel, load_model
-from .modeltree import model_dtype, structural_copy
+from .load.build import LoadedModel
+from .load.checkpoint import load_model
 
 # progress(stage, done, total): a stage's name and how far it is; total 0 when it has no count.
 Progress = Callable[[str, int, int], None]

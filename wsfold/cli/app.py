@@ -249,9 +249,9 @@ def bake(
     progress: ShowProgress = False,
 ) -> None:
     """Write a checkpoint whose weight-standardized layers are plain layers holding the exact standardized weights."""
+    from ..artifacts.save import SUFFIXES, save_baked
     from ..errors import OptionError
-    from ..paths import check_output
-    from ..save import SUFFIXES, save_baked
+    from ..io.paths import check_output
     from . import render
 
     # SOURCE's stem: v1 and v2 of "my.model.v1.pt" do not meet in one name (a model directory keeps its name).
@@ -391,8 +391,9 @@ def verify(
 ) -> None:
     """Check with onnxruntime that the ONNX graph computes what SOURCE computes. Exit 1 when it does not."""
     from ..inputs import parse_range, parse_shape
-    from ..paths import atomic_path, check_output
-    from ..verify import check_inputs_file, check_onnx_file, verify_onnx
+    from ..io.paths import atomic_path, check_output
+    from ..verify.feeds import check_inputs_file
+    from ..verify.verification import check_onnx_file, verify_onnx
     from . import render
 
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
@@ -483,8 +484,8 @@ def export(
     progress: ShowProgress = False,
 ) -> None:
     """Bake SOURCE in memory (if needed) and write an ONNX graph whose every weight is a constant."""
-    from ..export import export_onnx
-    from ..paths import check_output
+    from ..io.paths import check_output
+    from ..onnx.export import export_onnx
 
     inputs = [_arch_file(arch)]
     check_output(onnx_path, force=force, source=source, inputs=inputs, suffixes=(".onnx",), option="--onnx")

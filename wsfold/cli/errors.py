@@ -38,8 +38,8 @@ RECEIVED: dict[str, int | None] = {"signum": None}
 
 def _on_signal(signum: int, frame: Any) -> None:
     try:
-        from ..paths import defer_signal
-    except ImportError:  # the signal came while wsfold.paths itself was imported: nothing is being placed yet
+        from ..io.paths import defer_signal
+    except ImportError:  # the signal came while wsfold.io.paths itself was imported: nothing is being placed yet
         defer_signal = None
     if RECEIVED["signum"] is None:
         RECEIVED["signum"] = signum
@@ -76,7 +76,7 @@ def ignore_stop_signals() -> None:
 
 
 def interrupted_line(signum: int) -> str:
-    from ..paths import PLACED
+    from ..io.paths import PLACED
 
     name = signal.Signals(signum).name
     done = f"only {', '.join(map(str, PLACED))} was written before" if PLACED else "no output was written"

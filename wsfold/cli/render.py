@@ -125,7 +125,7 @@ def verification(console: Console, result) -> None:
 
 
 def folding(console: Console, report, *, would: bool) -> None:
-    from ..fold import NOT_ASKED
+    from ..bake.fold import NOT_ASKED
 
     if report.skipped == NOT_ASKED:
         return

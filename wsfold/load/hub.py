@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, SourceError, UserCodeError, first_line
-from .modeltree import set_eval
+from ..bake.modeltree import set_eval
+from ..errors import ArchitectureError, SourceError, UserCodeError, first_line
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -45,7 +45,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The directory's state dict: model.safetensors, its sharded index, or pytorch_model.bin (weights only)."""
-    from .load import check_tensors, read_checkpoint
+    from .read import check_tensors, read_checkpoint
 
     for name in WEIGHT_FILES:
         file = path / name
@@ -70,7 +70,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _state_dict_of(obj: Any, file: Path) -> dict[str, torch.Tensor]:
-    from .load import find_state_dict
+    from .read import find_state_dict
 
     return find_state_dict(obj, None, file)[0]
 
@@ -146,7 +146,7 @@ def _guarded(build: Callable[[], nn.Module], call: str, library: str) -> Callabl
 def load_directory(path: Path, *, arch: str | None = None, arch_kwargs=None):
     """A model directory as a LoadedModel: built by the library its config.json names (or by ``arch``), filled
     strictly with the directory's weights."""
-    from .load import LoadedModel, build_and_load, build_arch
+    from .build import LoadedModel, build_and_load, build_arch
 
     config = read_config(path)
     if arch is not None:

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import VerifyInputError, first_line
-from .modeltree import eval_mode
+from ..bake.modeltree import eval_mode
+from ..errors import VerifyInputError, first_line
 
 if TYPE_CHECKING:
-    from .detect import Detection
-    from .pipeline import Prepared
+    from ..bake.findings import Detection
+    from ..pipeline import Prepared
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops that hand a constant on unchanged in value (a Cast changes its precision only; the check allows for it).
@@ -101,7 +101,7 @@ class GraphConstants:
         self.tensors = {t.name: t for t in proto.graph.initializer}
 
     def value(self, ref: _Constant) -> np.ndarray:
-        from .onnx_store import to_array
+        from ..onnx.store import to_array
 
         tensor = ref.tensor if ref.tensor is not None else self.tensors[ref.name]
         try:
@@ -247,8 +247,8 @@ def _baked_candidates(
 ) -> Iterator[nn.Module]:
     """The baked model(s) a graph may have been exported from: folded or not as its metadata says (both when it
     says nothing), reusing the prepared model where its folding matches."""
-    from .bake import bake_model
-    from .fold import fold_model
+    from ..bake.baker import bake_model
+    from ..bake.fold import fold_model
 
     wanted = {"1": [True], "0": [False]}.get(fold_state or "", [True, False])
     baked = None
@@ -276,7 +276,7 @@ def compare_layers(
     them. A graph exported with ``--dtype`` (``wsfold_dtype``) is held to that precision."""
     from google.protobuf.message import DecodeError
 
-    from .onnx_store import load_without_weights
+    from ..onnx.store import load_without_weights
 
     # Weights are read one at a time, when fingerprinted or compared, not with the graph.
     try:
@@ -364,7 +364,9 @@ def _check_layers(
                 if a.shape[0] == weight.shape[0]:
                     view = a.reshape(-1, *([1] * (weight.ndim - 1)))
                     fused_bias = (0.0 if bias is None else bias * a) + shift
-                    variants.append((weight * view, fused_bias, f"matches with BatchNorm {bn} fused into it by the exporter"))
+                    variants.append(
+                        (weight * view, fused_bias, f"matches with BatchNorm {bn} fused into it by the exporter")
+                    )
         judged = None
         for w, b, note in variants:
             layer, share = ops.closest(w, b)

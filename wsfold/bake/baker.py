@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .detect import DerivedLayer, Detection, add_finding, iter_layers
-from .errors import NonFiniteError, WsfoldError
+from ..errors import NonFiniteError, WsfoldError
+from ..io.memory import FilePages
+from .detect import iter_layers
+from .findings import DerivedLayer, Detection, add_finding
 from .formulas import standardize_rounded
-from .memory import FilePages
 from .modeltree import copy_path, module_paths, require_module, set_submodule
 from .modules import SamePad
 from .probe import as_tuple, op_kind, own_tensors

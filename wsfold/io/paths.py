@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from ..errors import OutputError
 
 # Temporary names are short and fixed in length, so that any output name the file system allows also allows them.
 TEMP_PREFIX = ".wsfold-"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .parallel import each_in_threads
+from ..io.parallel import each_in_threads
 
 _SAVE_PARAMS = ("obj", "zip_file", "pickle_module", "pickle_protocol", "_disable_byteorder_record")
 _CHUNK = 1 << 20  # CRC'd, then written while still in the core's cache

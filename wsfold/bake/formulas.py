@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import fresh_empty
+from ..io.memory import fresh_empty
 
 # Denominator D as a function of (biased var, unbiased var, fan-in n, numel of the filter, eps).
 _DENOMINATORS = {

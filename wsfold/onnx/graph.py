@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .onnx_store import external_length, is_external, read_bytes, to_array
+from .store import external_length, is_external, read_bytes, to_array
 
 WEIGHT_OPS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,)}
 # Arithmetic that weight standardization leaves when it is not folded.

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import __version__
-from .bake import BakeReport
-from .errors import OutputError, first_line
-from .load import BAKED_MARKER, MANIFEST_KEY
-from .modeltree import require_module
-from .paths import atomic_path, check_output
+from .. import __version__
+from ..bake.baker import BakeReport
+from ..bake.modeltree import require_module
+from ..errors import OutputError, first_line
+from ..io.paths import atomic_path, check_output
+from ..load.read import BAKED_MARKER, MANIFEST_KEY
 
 if TYPE_CHECKING:
-    from .fold import FoldReport
-    from .pipeline import Prepared
+    from ..bake.fold import FoldReport
+    from ..pipeline import Prepared
 
 SUFFIXES = (".safetensors", ".pt2", ".pt")
 
@@ -35,7 +35,7 @@ def manifest(
 ) -> dict:
     """Each baked key, the tensor it came from, formula and eps, what was folded, and the wsfold version; with
     ``tensors`` (what is written), the sha256 of each baked tensor, checked when the file is loaded."""
-    from .load import tensor_digests
+    from ..load.read import tensor_digests
 
     tensors = tensors or {}
     baked = report.baked if report is not None else []
@@ -84,7 +84,7 @@ def save_baked(
 
     The file is written beside ``out`` and moved into place when complete; ``fsync`` also flushes it to disk
     first, so that it survives a power loss (see paths.atomic_path)."""
-    from .pipeline import Prepared
+    from ..pipeline import Prepared
 
     if isinstance(model, Prepared):
         model, bake_report, fold_report, source = model.model, model.bake, model.fold, source or model.source
@@ -268,7 +268,7 @@ def exported_program(
     dynamic_hw: bool,
 ):
     """The baked model as a torch.export ExportedProgram, audited: every conv/linear weight is a stored tensor."""
-    from .export import resolve_input_shapes, trace_inputs
+    from ..onnx.trace import resolve_input_shapes, trace_inputs
 
     shapes = resolve_input_shapes(model, input_shapes)
     traced = trace_inputs(model, shapes, input_dtypes, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)

@@ -1,0 +1,1 @@
+"""Baked checkpoints out: .safetensors with a checked manifest, .pt, .pt2."""

@@ -1,0 +1,1 @@
+"""One module per runtime that runs a graph for verify (onnxruntime today)."""

@@ -1,0 +1,70 @@
+"""onnxruntime: a CPU session at the optimization level asked, and the graph run on every feed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...errors import VerifyInputError, first_line
+from ..feeds import _check_feed
+
+ORT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+def ort_session(path: Path, level: str = "all"):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
+    opts.log_severity_level = 4  # fatal only: an error is reported once, by us, on one line
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        hint = "re-export it with `wsfold export`."
+        if "NOT_IMPLEMENTED" in str(exc):
+            hint = (
+                "the graph uses an op at a type onnxruntime's CPU provider does not run (a float64 Conv?): "
+                "re-export it with `wsfold export --dtype float32`."
+            )
+        raise VerifyInputError(f"onnxruntime cannot load {path} ({first_line(exc)}).", hint) from None
+
+
+def _run_graph(session, feeds) -> list[list[np.ndarray]]:
+    """The graph's outputs for every feed."""
+    outputs = []
+    for feed in feeds:
+        _check_feed(session, feed)
+        try:
+            outputs.append(session.run(None, feed))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+            raise VerifyInputError(
+                f"onnxruntime cannot run the graph on these inputs ({first_line(exc)}).",
+                "fix --input-shape or --inputs to fit the graph (it may be another model's).",
+            ) from None
+    return outputs
+
+
+def graph_metadata(session) -> dict[str, str]:
+    """The graph's metadata_props (what wsfold export stamped), from the session that loaded it (loading the
+    file again would read a one-file graph's weights once more)."""
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def _graph_float_dtype(session, meta: dict[str, str]) -> torch.dtype | None:
+    """The precision the graph's weights have: what export --dtype recorded (bfloat16 is written as float32),
+    else the graph's floating input or output type."""
+    recorded = getattr(torch, meta.get("wsfold_dtype", ""), None)
+    if isinstance(recorded, torch.dtype) and recorded.is_floating_point:
+        return recorded
+    names = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
+    for spec in [*session.get_inputs(), *session.get_outputs()]:
+        if spec.type in names:
+            return names[spec.type]
+    return None
