@@ -6,12 +6,15 @@ Builds ViT hybrids with a GN+WS ResNetV2 backbone in-process (benchmarks/vit_hyb
 timm's vit_base_r50_s16_224 (98.7 M parameters, a 0.39 GB float32 checkpoint), `large` is twice as deep and
 wider (dim 1024, 24 blocks: 1.3 GB). Each command runs in its own process and reports its own peak RSS (VmHWM);
 the import floor (python -c "import torch, onnx, onnxruntime, wsfold.cli.app") is measured the same way, so the
-slope between the two sizes says how memory grows with the checkpoint.
+slope between the two sizes says how memory grows with the checkpoint. With OpenVINO installed, verify also runs
+with --runtime openvino and with both runtimes: each runtime's session is released before the next loads, so two
+runtimes should peak within 10% of one.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -69,6 +72,10 @@ def main() -> None:
             row[f"export_{exporter}"] = measured(*argv, "--exporter", exporter)
         onnx_path = args.out / f"vit_{size}.{args.exporters.split(',')[0]}.onnx"
         row["verify"] = measured("-m", "wsfold", "verify", *common, "--onnx", str(onnx_path), "-q")
+        if importlib.util.find_spec("openvino") is not None:
+            verify = ["-m", "wsfold", "verify", *common, "--onnx", str(onnx_path), "-q"]
+            row["verify_openvino"] = measured(*verify, "--runtime", "openvino")
+            row["verify_ort+openvino"] = measured(*verify, "--runtime", "onnxruntime", "--runtime", "openvino")
         results["models"][size] = row
     print(f"import floor: {floor['peak_rss_bytes'] / 1e9:.2f} GB")
     print(f"{'model':8} {'ckpt GB':>8} {'step':20} {'s':>7} {'peak GB':>8} {'peak/ckpt':>9} {'exit':>4}")
@@ -80,6 +87,11 @@ def main() -> None:
                 f"{size:8} {row['checkpoint_bytes'] / 1e9:8.2f} {key:20} {m['seconds']:7.1f} "
                 f"{m['peak_rss_bytes'] / 1e9:8.2f} {m['peak_rss_bytes'] / row['checkpoint_bytes']:9.2f} {m['exit']:>4}"
             )
+    for size, row in results["models"].items():
+        if "verify_ort+openvino" in row:
+            one = max(row["verify"]["peak_rss_bytes"], row["verify_openvino"]["peak_rss_bytes"])
+            both = row["verify_ort+openvino"]["peak_rss_bytes"]
+            print(f"{size}: verify with two runtimes peaks at {both / one:.3f}x the larger of one runtime alone")
     sizes = list(results["models"])
     if len(sizes) >= 2:
         a, b = results["models"][sizes[0]], results["models"][sizes[-1]]

@@ -377,6 +377,22 @@ def verify(
     ort_opt_level: Annotated[
         str, typer.Option("--ort-opt-level", help="onnxruntime graph optimizations: disable, basic, extended, all.")
     ] = "all",
+    runtime: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--runtime",
+            help="Runtime that runs the graph: onnxruntime or openvino (repeat for both; default onnxruntime). Each "
+            "is judged by the same rule, at the precision it really computes in.",
+        ),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help="Ask the runtimes to compute in f32, bf16 or f16 (OpenVINO: INFERENCE_PRECISION_HINT), read back "
+            "to confirm. Default: each runtime's own choice on this machine.",
+        ),
+    ] = None,
     report: Annotated[
         Path | None, typer.Option("--report", help="Also write the JSON report to this .json file.")
     ] = None,
@@ -389,16 +405,18 @@ def verify(
     quiet: Quiet = False,
     progress: ShowProgress = False,
 ) -> None:
-    """Check with onnxruntime that the ONNX graph computes what SOURCE computes. Exit 1 when it does not."""
+    """Check with onnxruntime (and OpenVINO) that the ONNX graph computes what SOURCE computes. Exit 1 when not."""
     from ..inputs import parse_range, parse_shape
     from ..io.paths import atomic_path, check_output
     from ..verify.feeds import check_inputs_file
+    from ..verify.runtimes import check_runtimes
     from ..verify.verification import check_onnx_file, verify_onnx
     from . import render
 
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
     ranges = [parse_range(r) for r in input_range] if input_range else None
     check_onnx_file(onnx_path)  # before SOURCE is loaded and probed: a wrong --onnx or --inputs is said at once
+    check_runtimes(runtime or [], precision)
     if inputs is not None:
         check_inputs_file(inputs)
     if report is not None:
@@ -427,6 +445,8 @@ def verify(
             ort_opt_level=ort_opt_level,
             per_layer=per_layer,
             value_ranges=ranges,
+            runtimes=runtime,
+            precision=precision,
             progress=stages.sequence(),
         )
     payload = {"source": str(source), "onnx": str(onnx_path), "notes": prepared.notes, **result.to_dict()}

@@ -65,28 +65,34 @@ def skipped(console: Console, det) -> None:
 
 
 def verification(console: Console, result) -> None:
-    table = Table(
-        title="ONNX vs checkpoint: max/rel/mean abs error; onnx-f64, orig-f64: each side vs float64",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    for col in ("", "output", "shape", "max", "rel", "mean", "onnx-f64", "orig-f64", "limit"):
-        table.add_column(col, no_wrap=True)
-    for o in result.outputs:
-        figures = (o.max_abs_error, o.max_rel_error, o.mean_abs_error, o.onnx_vs_float64, o.reference_vs_float64)
-        table.add_row(
-            "[green]ok[/]" if o.passed else "[red]FAIL[/]",
-            o.name,
-            "x".join(map(str, o.shape)),
-            # Nothing to show where no values could be compared (the shapes differ): not a row of zeros.
-            *(f"{v:.2g}" if o.compared else "-" for v in (*figures, o.allowed)),
+    runs = result.runtimes or [None]
+    for run in runs:
+        outputs = run.outputs if run is not None else result.outputs
+        where = ""
+        if run is not None and (len(runs) > 1 or run.runtime != "onnxruntime" or run.precision != "f32"):
+            where = f"{run.runtime} {run.version}, {run.precision}: "
+        table = Table(
+            title=f"{where}ONNX vs checkpoint: max/rel/mean abs error; onnx-f64, orig-f64: each side vs float64",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
         )
-    console.print(table)
-    for o in result.outputs:
-        for problem in o.problems:
-            console.print(f"[red]{o.name}[/]: {problem}", highlight=False)
+        for col in ("", "output", "shape", "max", "rel", "mean", "onnx-f64", "orig-f64", "limit"):
+            table.add_column(col, no_wrap=True)
+        for o in outputs:
+            figures = (o.max_abs_error, o.max_rel_error, o.mean_abs_error, o.onnx_vs_float64, o.reference_vs_float64)
+            table.add_row(
+                "[green]ok[/]" if o.passed else "[red]FAIL[/]",
+                o.name,
+                "x".join(map(str, o.shape)),
+                # Nothing to show where no values could be compared (the shapes differ): not a row of zeros.
+                *(f"{v:.2g}" if o.compared else "-" for v in (*figures, o.allowed)),
+            )
+        console.print(table)
+        for o in outputs:
+            for problem in o.problems:
+                console.print(f"[red]{o.name}[/]: {where}{problem}", highlight=False)
     bad_layers = [layer for layer in result.layers if not layer.passed]
     if result.layers:
         paired = result.layers_compared - len(result.layers_unpaired)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..bake.modeltree import (
     default_dtype,
+    model_dtype,
     set_eval,
     set_submodule,
     structural_copy,
@@ -19,6 +20,7 @@ from ..bake.modeltree import (
 from ..bake.probe import own_tensors, probe_shapes, run_probe
 from ..errors import VerifyInputError, first_line
 from ..io.memory import release_file_pages
+from .feeds import _as_args
 
 if TYPE_CHECKING:
     from ..bake.findings import Detection
@@ -114,3 +116,14 @@ class _References:
                     # Code that reads another module's weight without calling it: widen everything, once.
                     self.model64, self.whole64 = structural_copy(self.model64, torch.float64), True
             return _evaluate(self.model64, args)
+
+    def evaluate_at(self, dtype: torch.dtype, arrays: list) -> list[torch.Tensor]:
+        """The checkpoint's math at a lower precision ``dtype``: the graph's own (a copy of the model at that
+        dtype), or a runtime's (bf16 chosen by OpenVINO: the model under CPU autocast, which runs convolutions
+        and matrix products in ``dtype`` as such a runtime does, and lets what the model builds at the default
+        dtype meet its weights)."""
+        if self.at_graph_dtype is not None and dtype == self.graph_dtype:
+            return _evaluate(self.at_graph_dtype, _as_args(arrays, dtype))[1]
+        with torch.autocast("cpu", dtype=dtype):
+            outputs = _evaluate(self.model, _as_args(arrays, model_dtype(self.model)))[1]
+        return [t.float() if t.is_floating_point() else t for t in outputs]

@@ -9,12 +9,11 @@ the original model is in its own precision. --atol/--rtol replace it with allclo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -43,7 +42,34 @@ from .feeds import (
     sample_inputs,
 )
 from .reference import _evaluate, _References, _same_values, float64_reference
-from .runtimes.ort import ORT_LEVELS, _graph_float_dtype, _run_graph, graph_metadata, ort_session
+from .runtimes import RuntimeRun, check_runtimes, precision_name, run_runtime
+from .runtimes.ort import ORT_LEVELS, _graph_float_dtype, _run_graph, check_precision, graph_metadata, ort_session
+from .runtimes.ort import run as ort_run
+
+
+@dataclass
+class RuntimeCheck:
+    """One runtime's run of the graph, judged output by output; ``precision`` is what it really computed in."""
+
+    runtime: str
+    version: str
+    precision: str
+    outputs: list[OutputCheck]
+    note: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "version": self.version,
+            "precision": self.precision,
+            "passed": self.passed,
+            "note": self.note,
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
 
 
 @dataclass
@@ -65,6 +91,7 @@ class VerificationResult:
     reference: str = ""  # what the graph was compared against
     reference_sha256: str | None = None  # the whole sha256 of SOURCE's file (None: a model or a directory)
     notes: list[str] = field(default_factory=list)  # warnings that are not about one output
+    runtimes: list[RuntimeCheck] = field(default_factory=list)  # every runtime's checks; ``outputs`` the first's
 
     @property
     def warnings(self) -> list[str]:
@@ -72,7 +99,7 @@ class VerificationResult:
 
     @property
     def passed(self) -> bool:
-        outputs = all(o.passed for o in self.outputs)
+        outputs = all(o.passed for o in self.outputs) and all(r.passed for r in self.runtimes)
         return outputs and not self.foreign and all(layer.passed for layer in self.layers)
 
     def __bool__(self) -> bool:
@@ -80,11 +107,14 @@ class VerificationResult:
 
     def __str__(self) -> str:
         lines = [f"{'PASSED' if self.passed else 'FAILED'} ({self.criterion}; {self.samples} sample(s))"]
-        for o in self.outputs:
-            lines.append(
-                f"  {o.name}: max abs {o.max_abs_error:.3g}, onnx-vs-float64 {o.onnx_vs_float64:.3g} "
-                f"<= {o.allowed:.3g}: {'ok' if o.passed else 'FAIL ' + '; '.join(o.problems)}"
-            )
+        runs = self.runtimes or [RuntimeCheck("onnxruntime", "", "", self.outputs)]
+        for run in runs:
+            where = f" [{run.runtime}, {run.precision}]" if len(runs) > 1 or run.precision not in ("", "f32") else ""
+            for o in run.outputs:
+                lines.append(
+                    f"  {o.name}{where}: max abs {o.max_abs_error:.3g}, onnx-vs-float64 {o.onnx_vs_float64:.3g} "
+                    f"<= {o.allowed:.3g}: {'ok' if o.passed else 'FAIL ' + '; '.join(o.problems)}"
+                )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +135,7 @@ class VerificationResult:
             "reference": self.reference,
             "reference_sha256": self.reference_sha256,
             "warnings": self.warnings,
+            "runtimes": [r.to_dict() for r in self.runtimes],
         }
 
 
@@ -133,21 +164,23 @@ def check_onnx_file(path: str | Path) -> Path:
 
 
 def _run_checks(
-    graph_outputs: list[list[np.ndarray]], refs: _References, feeds, input_names, rule, unit, onnx_names
-) -> list[OutputCheck]:
-    """The graph's outputs (computed before, without the checkpoint's model running) against the checkpoint's,
-    feed by feed. Each module's memory-mapped weights are handed back once it has run: not all resident at once."""
+    runs: list[RuntimeRun], refs: _References, feeds, input_names, rule, onnx_names
+) -> list[list[OutputCheck]]:
+    """Every runtime's outputs (computed before, without the checkpoint's model running) against the checkpoint's,
+    feed by feed; the references are evaluated once per feed for all runtimes. Each module's memory-mapped
+    weights are handed back once it has run: not all resident at once."""
     with released_after_call(refs.model, refs.model64):
-        return _checks(graph_outputs, refs, feeds, input_names, rule, unit, onnx_names)
+        return _checks(runs, refs, feeds, input_names, rule, onnx_names)
 
 
-def _checks(graph_outputs, refs: _References, feeds, input_names, rule, unit, onnx_names) -> list[OutputCheck]:
-    checks: list[OutputCheck] = []
-    for feed, outs in zip(feeds, graph_outputs):
+def _checks(runs: list[RuntimeRun], refs: _References, feeds, input_names, rule, onnx_names) -> list[list[OutputCheck]]:
+    base = model_dtype(refs.model)
+    per_run: list[list[OutputCheck]] = [[] for _ in runs]
+    for f, feed in enumerate(feeds):
         arrays = [feed[name] for name in input_names]
-        ref_names, ref = _evaluate(refs.model, _as_args(arrays, model_dtype(refs.model)))
-        if not checks:
-            _, again = _evaluate(refs.model, _as_args(arrays, model_dtype(refs.model)))
+        ref_names, ref = _evaluate(refs.model, _as_args(arrays, base))
+        if f == 0:
+            _, again = _evaluate(refs.model, _as_args(arrays, base))
             if any(not _same_values(a, b) for a, b in zip(ref, again)):
                 raise VerifyInputError(
                     "the checkpoint's model gives different outputs for the same input in eval mode (dropout "
@@ -155,32 +188,41 @@ def _checks(graph_outputs, refs: _References, feeds, input_names, rule, unit, on
                     "make the model deterministic in eval mode.",
                 )
         _, ref64 = refs.evaluate64(_as_args(arrays, torch.float64))
-        ref_g = None
-        if refs.at_graph_dtype is not None:
-            _, ref_g = _evaluate(refs.at_graph_dtype, _as_args(arrays, refs.graph_dtype))
-        if not checks:
-            n = max(len(outs), len(ref))
-            checks = [
-                OutputCheck(
-                    i,
-                    onnx_names[i] if i < len(onnx_names) else "(missing)",
-                    ref_names[i] if i < len(ref_names) else "(missing)",
-                    [],
-                    has_channels=i < len(outs) and (outs[i].ndim >= 4 or onnx_names[i] in refs.conv_outputs),
-                )
-                for i in range(n)
-            ]
-        for i, check in enumerate(checks):
-            if i >= len(outs) or i >= len(ref):
-                check.passed = False
-                if not check.problems:
-                    check.problems.append(
-                        f"the ONNX graph has {len(outs)} output(s), the checkpoint's model {len(ref)}"
+        # A runtime of lower precision than the checkpoint is held to the checkpoint's math at that precision.
+        lowered: dict[torch.dtype, list[torch.Tensor]] = {}
+        for run in runs:
+            if _coarser(run.precision, base) and run.precision not in lowered:
+                lowered[run.precision] = refs.evaluate_at(run.precision, arrays)
+        for run, checks in zip(runs, per_run):
+            outs = run.outputs[f]
+            if not checks:
+                checks.extend(
+                    OutputCheck(
+                        i,
+                        onnx_names[i] if i < len(onnx_names) else "(missing)",
+                        ref_names[i] if i < len(ref_names) else "(missing)",
+                        [],
+                        has_channels=i < len(outs) and (outs[i].ndim >= 4 or onnx_names[i] in refs.conv_outputs),
                     )
-                continue
-            check.shape = check.shape or list(outs[i].shape)
-            _compare(outs[i], ref[i], ref64[i], check, rule, unit, None if ref_g is None else ref_g[i])
-    return checks
+                    for i in range(max(len(outs), len(ref)))
+                )
+            low = lowered.get(run.precision)
+            unit = torch.finfo(run.precision if low is not None else base).eps / 2
+            for i, check in enumerate(checks):
+                if i >= len(outs) or i >= len(ref):
+                    check.passed = False
+                    if not check.problems:
+                        check.problems.append(
+                            f"the ONNX graph has {len(outs)} output(s), the checkpoint's model {len(ref)}"
+                        )
+                    continue
+                check.shape = check.shape or list(outs[i].shape)
+                _compare(outs[i], ref[i], ref64[i], check, rule, unit, None if low is None else low[i])
+    return per_run
+
+
+def _coarser(a: torch.dtype, b: torch.dtype) -> bool:
+    return torch.finfo(a).eps > torch.finfo(b).eps
 
 
 def verify_onnx(
@@ -197,11 +239,15 @@ def verify_onnx(
     ort_opt_level: str = "all",
     per_layer: bool = True,
     value_ranges: list[ValueRange | None] | None = None,
+    runtimes: Sequence[str] | None = None,
+    precision: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> VerificationResult:
     """Compare ``onnx_path`` with the original ``model`` (unbaked, as loaded from SOURCE), or with the original of
     a :func:`wsfold.prepare` result (whose detection and baked model are then reused). ``model`` is not changed.
-    ``value_ranges``: per input, where random samples are drawn (see wsfold.inputs)."""
+    ``value_ranges``: per input, where random samples are drawn (see wsfold.inputs). ``runtimes``: which run the
+    graph ("onnxruntime", "openvino"; default onnxruntime), each judged by the same rule on the same inputs, at
+    the precision it really computes in (``precision`` asks for one: "f32", "bf16", "f16")."""
     from ..bake.detect import detect_layers
     from ..bake.findings import Detection
     from ..onnx.trace import declared_input_shape
@@ -215,6 +261,7 @@ def verify_onnx(
     require_module(model, "verify_onnx")
     if detection is not None and not isinstance(detection, Detection):
         raise TypeError(f"verify_onnx's detection must be a Detection, not {type(detection).__name__}")
+    runtimes = check_runtimes(list(runtimes or []), precision)
     inputs_file = Path(inputs_file) if inputs_file is not None else None
     onnx_path = check_onnx_file(onnx_path)
     if inputs_file is not None:
@@ -254,7 +301,9 @@ def verify_onnx(
         # A graph of lower precision than the checkpoint (export --dtype float16) is held to what the
         # checkpoint's own math gives at that precision, not to what it gives at its own.
         refs.at_graph_dtype, refs.graph_dtype = set_eval(structural_copy(model, graph_dtype)), graph_dtype
-    unit = torch.finfo(refs.graph_dtype or model_dtype(model)).eps / 2
+    computes_in = refs.graph_dtype or graph_dtype or model_dtype(model)
+    if "onnxruntime" in runtimes:
+        check_precision(precision, computes_in)
     if atol is not None or rtol is not None:
         atol, rtol = atol or 0.0, rtol or 0.0
         rule, criterion = _allclose_rule(atol, rtol), f"allclose(atol={atol:g}, rtol={rtol:g}) against the checkpoint"
@@ -267,35 +316,50 @@ def verify_onnx(
     onnx_names = [o.name for o in session.get_outputs()]
     input_names = [i.name for i in session.get_inputs()]
     if progress:
-        progress(f"run {len(feeds)} input batch(es)")
-    # The graph runs first, on its own: its session (weights, packed weights) is gone before the checkpoint's
-    # model runs, and the model's file-backed weights are not resident while the graph runs (handed back again:
-    # finding a second input size may have run the model).
+        progress(f"run {len(feeds)} input batch(es) on {', '.join(runtimes)}")
+    # The graph runs first, on its own: each runtime's session (weights, packed weights) is gone before the next
+    # one loads and before the checkpoint's model runs, and the model's file-backed weights are not resident
+    # while the graph runs (handed back again: finding a second input size may have run the model).
     release_file_pages(original)
-    graph_outputs = _run_graph(session, feeds)
+    runs: list[RuntimeRun] = []
+    for name in runtimes:
+        if name == "onnxruntime":
+            import onnxruntime
+
+            outputs = _run_graph(session, feeds)
+            runs.append(RuntimeRun("onnxruntime", onnxruntime.__version__, computes_in, outputs))
+        else:
+            session = None
+            trim_heap()
+            runs.append(run_runtime(name, onnx_path, feeds, precision=precision, graph_dtype=computes_in))
     del session
     trim_heap()
-    checks = _run_checks(graph_outputs, refs, feeds, input_names, rule, unit, onnx_names)
+    per_run = _run_checks(runs, refs, feeds, input_names, rule, onnx_names)
+    checks = per_run[0]
     result = VerificationResult(criterion, samples if not inputs_file else 1, checks, ort_opt_level=ort_opt_level)
+    result.runtimes = [
+        RuntimeCheck(run.runtime, run.version, precision_name(run.precision), found, run.note)
+        for run, found in zip(runs, per_run)
+    ]
     result.batch_input_shapes = [[list(v.shape) for v in feed.values()] for feed in feeds]
     result.input_shapes = result.batch_input_shapes[0]
     result.reference, more, result.reference_sha256 = _reference(prepared, meta, model)
-    result.notes = notes + more
+    result.notes = notes + more + [run.note for run in runs if run.note]
     if refs.graph_dtype is not None:
         result.reference += f"; the graph computes in {str(refs.graph_dtype).removeprefix('torch.')}, so the "
         result.reference += "checkpoint's own error is measured at that precision"
-    if not all(c.passed for c in checks) and ort_opt_level != "disable":
+    ort_check = next((r for r in result.runtimes if r.runtime == "onnxruntime"), None)
+    ort_failed = ort_check is not None and not ort_check.passed
+    del runs
+    if ort_failed and ort_opt_level != "disable":
         if progress:
             progress("re-run with onnxruntime optimizations disabled")
-        del graph_outputs
         release_file_pages(original)
-        plain = _run_graph(ort_session(onnx_path, "disable"), feeds)
-        trim_heap()
-        cause_is_optimizer = all(c.passed for c in _run_checks(plain, refs, feeds, input_names, rule, unit, onnx_names))
+        plain = ort_run(onnx_path, feeds, precision=None, graph_dtype=computes_in, level="disable")
+        cause_is_optimizer = all(c.passed for c in _run_checks([plain], refs, feeds, input_names, rule, onnx_names)[0])
         del plain
     sample = _as_args([feeds[0][name] for name in input_names], model_dtype(original))
     # The per-layer check needs neither the graph's outputs nor the reference models: hand their memory back.
-    graph_outputs = None
     del refs, model64
     trim_heap()
     if per_layer:
@@ -318,7 +382,7 @@ def verify_onnx(
         result.hint = "pass the graph that `wsfold export` wrote from this SOURCE (and the same --arch)"
         if any("not from this SOURCE" in note for note in result.notes):
             result.hint += "; its metadata names another file: see the warning"
-    elif not all(c.passed for c in checks) and ort_opt_level != "disable":
+    elif ort_failed and ort_opt_level != "disable":
         if cause_is_optimizer:
             result.cause = "onnxruntime's graph optimizer (the graph passes with optimizations disabled)"
             result.hint = (
@@ -328,10 +392,31 @@ def verify_onnx(
         else:
             result.cause = "the exported graph (it fails with onnxruntime's optimizations disabled too)"
             result.hint = _hint(result, per_layer)
+    elif not result.passed and not ort_failed and any(not r.passed for r in result.runtimes):
+        result.cause, result.hint = _runtime_cause(result, ort_check is not None)
     elif not result.passed:
         result.cause = "the exported graph"
         result.hint = _hint(result, per_layer)
     return result
+
+
+def _runtime_cause(result: VerificationResult, ort_ran: bool) -> tuple[str, str]:
+    """Why a runtime other than onnxruntime failed, where onnxruntime passed (or did not run)."""
+    bad = next(r for r in result.runtimes if not r.passed)
+    if bad.precision not in ("f32", "f64") and bad.note:
+        return (
+            f"{bad.runtime} computing in {bad.precision} (its default here): its outputs are further from the "
+            f"checkpoint's than the checkpoint's own math at {bad.precision} is"
+            + (" (onnxruntime, in f32, passes)" if ort_ran else ""),
+            f"force f32 with --precision f32 to check the graph itself; whether {bad.precision} is accurate enough "
+            "is the deployment's call",
+        )
+    if ort_ran:
+        return (
+            f"{bad.runtime} at {bad.precision}: it computes this graph differently from onnxruntime, which passes",
+            f"report it to {bad.runtime}'s maintainers with this graph, or deploy with onnxruntime",
+        )
+    return "the exported graph", _hint(result, True)
 
 
 def _hint(result: VerificationResult, per_layer: bool) -> str:

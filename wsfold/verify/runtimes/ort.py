@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ...errors import VerifyInputError, first_line
+from ...io.memory import trim_heap
 from ..feeds import _check_feed
 
 ORT_LEVELS = {
@@ -68,3 +69,38 @@ def _graph_float_dtype(session, meta: dict[str, str]) -> torch.dtype | None:
         if spec.type in names:
             return names[spec.type]
     return None
+
+
+def run(
+    path: Path,
+    feeds: list[dict[str, np.ndarray]],
+    *,
+    precision: str | None,
+    graph_dtype: torch.dtype,
+    level: str = "all",
+):
+    """The graph run on every feed in a session of its own (released before this returns)."""
+    import onnxruntime as ort
+
+    from . import RuntimeRun
+
+    check_precision(precision, graph_dtype)
+    session = ort_session(path, level)
+    try:
+        outputs = _run_graph(session, feeds)
+    finally:
+        del session
+        trim_heap()
+    return RuntimeRun("onnxruntime", ort.__version__, graph_dtype, outputs)
+
+
+def check_precision(precision: str | None, graph_dtype: torch.dtype) -> None:
+    """onnxruntime's CPU provider computes a graph in the graph's own precision: nothing else can be asked."""
+    from . import PRECISIONS, precision_name
+
+    if precision is not None and PRECISIONS[precision] != graph_dtype:
+        raise VerifyInputError(
+            f"--precision {precision}: onnxruntime's CPU provider computes this graph in "
+            f"{precision_name(graph_dtype)} only.",
+            "add --runtime openvino to verify at another precision, or leave --precision out.",
+        )
