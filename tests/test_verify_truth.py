@@ -315,3 +315,32 @@ def test_per_layer_pairing_ignores_names(tmp_path):
     assert result.exit_code == 0 and payload["layers_unpaired"] == []
     assert payload["layers"] and all(layer["passed"] for layer in payload["layers"])
     assert np.isfinite([layer["max_abs_error"] for layer in payload["layers"]]).all()
+
+
+@pytest.mark.parametrize("damage", ["scale_1.2", "other_checkpoint"])
+def test_a_layer_changed_beyond_recognition_fails_by_elimination(tmp_path, damage):
+    """A layer whose weights agree with no op's (every filter x1.2, or another checkpoint's weights) pairs with
+    the one op of its shape that no other layer takes, and fails there: it was listed as 'not in the graph' and
+    the graph passed when the outputs could not show it."""
+    import models
+
+    src = save(tmp_path, "same_bias_shapes")
+    good = tmp_path / "good.onnx"
+    assert export_and_verify(src, "same_bias_shapes", good, ["1,3,8,8"]).exit_code == 0
+    model = onnx.load(str(good))
+    inits = {i.name: i for i in model.graph.initializer}
+    conv = [n for n in model.graph.node if n.op_type == "Conv"][3]
+    if damage == "scale_1.2":
+        w = numpy_helper.to_array(inits[conv.input[1]]) * np.float32(1.2)
+    else:
+        w = models.same_bias_shapes(seed=5)[3].weight.detach().numpy()
+    inits[conv.input[1]].CopyFrom(numpy_helper.from_array(w.astype(np.float32), conv.input[1]))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    spec = f"{MODELS}:same_bias_shapes"
+    result = run("verify", src, "--arch", spec, "--onnx", bad, "--input-shape", "1,3,8,8", "--json")
+    assert result.exit_code == 1, result.stdout
+    payload = json.loads(result.stdout)
+    failing = [layer for layer in payload["layers"] if not layer["passed"]]
+    assert [layer["name"] for layer in failing] == ["3"] and "elimination" in failing[0]["note"]
+    assert payload["layers_unpaired"] == [] and not payload["foreign_graph"]

@@ -61,10 +61,12 @@ class LayerReport:
     checks: list[LayerCheck] = field(default_factory=list)
     unpaired: list[str] = field(default_factory=list)
     compared: int = 0  # baked layers looked for in the graph
+    by_value: int = 0  # of them, paired by their weights (the rest by elimination, or not at all)
 
     @property
     def none_paired(self) -> bool:
-        return self.compared > 0 and not self.checks
+        """No layer's weights agree with any op's: the graph is of another model (or another checkpoint)."""
+        return self.compared > 0 and self.by_value == 0
 
 
 @dataclass
@@ -329,14 +331,21 @@ class _OpTable:
             bias = bias * layer.beta
         return weight, bias
 
-    def closest(self, weight: np.ndarray, bias: np.ndarray | None) -> tuple[GraphLayer | None, float]:
-        candidates = self.by_shape.get(tuple(weight.shape), [])
+    def closest(
+        self, weight: np.ndarray, bias: np.ndarray | None, among: set[str] | None = None
+    ) -> tuple[GraphLayer | None, float]:
+        """The graph layer of ``weight``'s shape (of the nodes ``among``, when given) whose filters agree most
+        with it, and the share of its filters that agree."""
+        candidates = [(g, f) for g, f in self.by_shape.get(tuple(weight.shape), []) if among is None or g.node in among]
         if not candidates:
             return None, 0.0
         mine = _fingerprint(weight, bias)
         scored = [(_agreement(mine, theirs), layer) for layer, theirs in candidates]
         (rows, bias, _), layer = max(scored, key=lambda s: (s[0][0], s[0][1], -s[0][2]))
         return layer, rows
+
+    def nodes(self) -> set[str]:
+        return {g.node for found in self.by_shape.values() for g, _ in found}
 
 
 def _check_layers(
@@ -345,6 +354,8 @@ def _check_layers(
     owners = sorted((layer.name for layer in detection.layers), key=len, reverse=True)
     fusions = _exporter_fusions(baked)
     report = LayerReport()
+    leftover: list[tuple[str, str, np.ndarray, np.ndarray | None, torch.dtype]] = []
+    claimed: set[str] = set()
     for name, module in baked.named_modules():
         if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
@@ -374,13 +385,30 @@ def _check_layers(
                 continue
             checks = _judge_layer(owner, name, layer, ops, w, b, coarse, note)
             if judged is None or all(c.passed for c in checks):
-                judged = checks
+                judged, node = checks, layer.node
             if all(c.passed for c in checks):
                 break
         if judged is None:
-            report.unpaired.append(owner if owner == name else f"{owner} ({name})")
+            leftover.append((owner, name, weight, bias, coarse))
         else:
             report.checks.extend(judged)
+            report.by_value += 1
+            claimed.add(node)
+    # A layer whose weights agree with no op's (changed by more than a few percent, or another model's) is paired
+    # by elimination with the op of its shape that no other layer takes, and fails there; only a layer with no
+    # such op left is "not in the graph" (the exporter dropped it).
+    free = ops.nodes() - claimed
+    for owner, name, weight, bias, coarse in leftover:
+        layer, _ = ops.closest(weight, bias, among=free)
+        if layer is None:
+            report.unpaired.append(owner if owner == name else f"{owner} ({name})")
+            continue
+        free.discard(layer.node)
+        note = "paired by elimination: the only op of its shape that no other layer takes"
+        checks = _judge_layer(owner, name, layer, ops, weight, bias, coarse, note)
+        for check in checks:
+            check.note = note
+        report.checks.extend(checks)
     return report
 
 
@@ -431,3 +459,20 @@ def _judge(
     eps = max(float(np.finfo(got.dtype).eps), torch.finfo(coarse).eps) if got.dtype.kind == "f" else 0.0
     passed = bool(err <= 2 * eps * scale)
     return LayerCheck(owner, key, where, err, err / scale, passed, note if passed else None, layer.node)
+
+
+def layer_names(baked: nn.Module, onnx_path: Path) -> dict[str, str]:
+    """Graph node name -> the name of the baked model's conv/linear layer it computes, paired as the per-layer
+    check pairs them (by the weights the graph feeds the node, never by names)."""
+    from ..onnx.store import load_without_weights
+
+    proto = load_without_weights(onnx_path)
+    ops = _OpTable(graph_layers(proto), GraphConstants(proto, onnx_path))
+    names: dict[str, str] = {}
+    for name, module in baked.named_modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            bias = None if module.bias is None else module.bias.detach().double().numpy()
+            layer, share = ops.closest(module.weight.detach().double().numpy(), bias)
+            if layer is not None and share >= PAIR_SHARE:
+                names.setdefault(layer.node, name)
+    return names

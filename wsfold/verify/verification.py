@@ -368,7 +368,7 @@ def verify_onnx(
         report = compare_layers(original, detection, onnx_path, prepared=prepared, sample=sample)
         result.layers, result.layers_unpaired, result.layers_compared = report.checks, report.unpaired, report.compared
         if report.none_paired and not all(c.passed for c in checks):
-            result.foreign = True
+            result.foreign, result.layers = True, []  # one verdict, not a list of unrelated pairs
         elif report.none_paired:
             result.notes.append(
                 f"none of the model's {report.compared} conv/linear layers has its weights in the graph as a "
@@ -432,6 +432,11 @@ def _hint(result: VerificationResult, per_layer: bool) -> str:
         return "no layer's weights could be paired with the graph's: check that --onnx was exported from this SOURCE"
     if any(not layer.passed for layer in result.layers):
         return "see the failing layers"
+    if result.layers_unpaired:
+        return (
+            f"{len(result.layers_unpaired)} layer(s) of the model were not found in the graph "
+            f"({', '.join(result.layers_unpaired[:3])}): their weights may have changed beyond recognition"
+        )
     return "every weight matches its layer: the difference is in what the graph does with them (its operations)"
 
 
