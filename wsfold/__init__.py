@@ -20,6 +20,8 @@ _API = {
     "save_baked": "artifacts.save",
     "export_onnx": "onnx.export",
     "verify_onnx": "verify.verification",
+    "quantize_onnx": "quantize.int8",
+    "verify_int8": "quantize.int8",
     "WsfoldError": "errors",
 }
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "save_baked",
     "export_onnx",
     "verify_onnx",
+    "quantize_onnx",
+    "verify_int8",
     "WsfoldError",
 ]
 
@@ -47,6 +51,7 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs
     from .load.checkpoint import load_baked, load_model
     from .onnx.export import export_onnx
     from .pipeline import Prepared, prepare
+    from .quantize.int8 import quantize_onnx, verify_int8
     from .verify.verification import verify_onnx
 
 

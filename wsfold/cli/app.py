@@ -34,6 +34,7 @@ from .common import (
     _stdout,
 )
 from .errors import EXIT_VERIFY_FAILED, handle_errors
+from .quantize import quantize
 
 app = typer.Typer(
     name="wsfold",
@@ -231,6 +232,12 @@ def verify(
             "is judged by the same rule, at the precision it really computes in.",
         ),
     ] = None,
+    min_sqnr: Annotated[
+        float, typer.Option("--min-sqnr", help="int8 graphs: least SQNR in dB of each output (see quantize).")
+    ] = 20.0,
+    min_agreement: Annotated[
+        float, typer.Option("--min-agreement", help="int8 graphs: least top-1 agreement (see quantize).")
+    ] = 0.97,
     precision: Annotated[
         str | None,
         typer.Option(
@@ -252,8 +259,10 @@ def verify(
     progress: ShowProgress = False,
 ) -> None:
     """Check with onnxruntime (and OpenVINO) that the ONNX graph computes what SOURCE computes. Exit 1 when not."""
+    from ..errors import OptionError
     from ..inputs import parse_range, parse_shape
     from ..io.paths import atomic_path, check_output
+    from ..quantize.int8 import is_qdq, verify_int8
     from ..verify.feeds import check_inputs_file
     from ..verify.runtimes import check_runtimes
     from ..verify.verification import check_onnx_file, verify_onnx
@@ -275,10 +284,35 @@ def verify(
             suffixes=(".json",),
             option="--report",
         )
+    int8 = is_qdq(onnx_path)
+    if int8 and inputs is None:
+        raise OptionError(
+            f"{onnx_path} is an int8 QDQ graph: it is judged by SQNR and top-1 agreement on real data, not on "
+            "random samples.",
+            "pass the held-out samples with --inputs HOLDOUT.npz.",
+        )
     with _running(json_output, quiet, progress) as stages:
         prepared = _prepare(
-            source, arch, arch_kwargs, state_key, allow_pickle, stages, keep_original=True, allow_nonfinite=True
+            source, arch, arch_kwargs, state_key, allow_pickle, stages, keep_original=not int8, allow_nonfinite=True
         )
+        if int8:
+            verdict = verify_int8(prepared, onnx_path, inputs, min_sqnr=min_sqnr, min_agreement=min_agreement)
+    if int8:
+        payload = {"source": str(source), "onnx": str(onnx_path), "notes": prepared.notes, **verdict.to_dict()}
+        if report is not None:
+            with atomic_path(report, force=force) as tmp:
+                tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        if json_output:
+            _emit_json(payload)
+        elif not quiet:
+            render.notes(_stdout(), prepared.notes)
+            render.int8(_stdout(), verdict)
+        if not verdict.passed:
+            if quiet or json_output:
+                print("wsfold: the int8 graph failed its verdict.", file=sys.stderr)
+            raise typer.Exit(EXIT_VERIFY_FAILED)
+        return
+    with _running(json_output, quiet, progress) as stages:
         result = verify_onnx(
             prepared,
             onnx_path,
@@ -409,3 +443,6 @@ def export(
                 "onnxruntime does not fuse them into a -inf-padded MaxPool",
                 highlight=False,
             )
+
+
+app.command()(quantize)

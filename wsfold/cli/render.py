@@ -169,3 +169,49 @@ def _shapes(batch: list[list[int]]) -> str:
 
 def _distinct(items: list) -> list:
     return [x for i, x in enumerate(items) if x not in items[:i]]
+
+
+def int8(console: Console, verdict, result=None) -> None:
+    """An int8 graph's verdict: per output SQNR and top-1 agreement, its structure, what stays in float."""
+    table = Table(
+        title=f"int8 vs checkpoint on {verdict.holdout['samples']} held-out sample(s)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for col in ("", "output", "SQNR dB", "top-1 agreement"):
+        table.add_column(col, no_wrap=True)
+    for o in verdict.outputs:
+        agree = "-" if o.top1_agreement is None else f"{o.top1_agreement:.2%}"
+        table.add_row("[green]ok[/]" if o.passed else "[red]FAIL[/]", o.name, f"{o.sqnr_db:.1f}", agree)
+    console.print(table)
+    console.print(
+        f"weights: {verdict.weights['int8']} int8, {verdict.weights['float']} float; thresholds: SQNR >= "
+        f"{verdict.min_sqnr:g} dB, top-1 agreement >= {verdict.min_agreement:.0%}; "
+        f"holdout: {verdict.holdout['source']}",
+        highlight=False,
+    )
+    for reason, group in _grouped(verdict.float_ops, lambda e: e["reason"]):
+        listed, count = _listed([f"{e['op']} {e['node']}" for e in group])
+        console.print(f"[dim]in float[/] {listed}{f' ({count})' if count else ''}: {reason}", highlight=False)
+    for failure in verdict.failures:
+        console.print(f"[red]FAIL[/] {failure}", highlight=False)
+    if verdict.worst_layers:
+        worst = ", ".join(f"{w['layer']} ({w['sqnr_db']:.1f} dB)" for w in verdict.worst_layers)
+        console.print(f"layers that lose most (SQNR of their output): {worst}; --exclude LAYER keeps one in float")
+    if result is not None:
+        sizes = result.size_bytes
+        console.print(
+            f"calibrated ({result.calibration['method']}) on {result.calibration['samples']} sample(s); "
+            f"{sizes['float'] / 1e6:.2f} MB float -> {sizes['int8'] / 1e6:.2f} MB int8",
+            highlight=False,
+        )
+        if result.placed:
+            console.print(f"{'[green]wrote[/]' if verdict.passed else '[yellow]wrote (failing)[/]'} {result.output}")
+        else:
+            console.print(f"[red]int8 verdict failed[/]: {result.output} not written (--keep-failing writes it)")
+    elif verdict.passed:
+        console.print("[green]int8 verdict passed[/]")
+    else:
+        console.print("[red]int8 verdict failed[/]")

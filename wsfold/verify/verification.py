@@ -264,6 +264,13 @@ def verify_onnx(
     runtimes = check_runtimes(list(runtimes or []), precision)
     inputs_file = Path(inputs_file) if inputs_file is not None else None
     onnx_path = check_onnx_file(onnx_path)
+    from ..quantize.int8 import is_qdq
+
+    if is_qdq(onnx_path):
+        raise VerifyInputError(
+            f"{onnx_path} is an int8 QDQ graph: the float rule would always fail it.",
+            "judge it with wsfold.verify_int8(prepared, path, holdout) (the CLI's verify does so itself).",
+        )
     if inputs_file is not None:
         check_inputs_file(inputs_file)
     if ort_opt_level not in ORT_LEVELS:
