@@ -117,7 +117,7 @@ def _bad_files(tmp_path):
     nan[3, 0, 2, 2] = np.nan
     files = {
         "missing": (tmp_path / "nope.npz", "no such file"),
-        "folder": (folder, "is a folder"),
+        "folder": (folder, "holds no PNG or JPEG image"),
         "empty": (tmp_path / "empty.npz", "holds no samples"),
         "nan": (tmp_path / "nan.npz", "NaN/inf"),
         "name": (tmp_path / "name.npz", "has no array named 'x'"),
@@ -165,3 +165,55 @@ def test_a_pt_calibration_file_and_the_python_api(tmp_path):
     assert result.verdict and result.placed and result.calibration["samples"] == 100
     verdict = wsfold.verify_int8(prepared, tmp_path / "q.onnx", TEST)
     assert verdict and verdict.outputs[0].top1_agreement >= 0.97
+
+
+def test_a_folder_of_images_with_explicit_preprocessing(tmp_path):
+    """Digits written as 8-bit PNGs read back through --image-size/--mean/--std give the training inputs."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    x = np.load(CAL)["x"][:60]
+    for i, image in enumerate(x):
+        pixels = np.round((image[0] + 1.0) / 2.0 * 255.0).astype(np.uint8)  # [-1, 1] -> 0..255
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:03d}.png")
+    (folder / "README.txt").write_text("not an image")
+    out = tmp_path / "q.onnx"
+    args = ("--image-size", "8,8", "--mean", "0.5", "--std", "0.5", "--holdout", TEST, "--json")
+    result = quantize(out, *args, calibration=folder)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["calibration"]["samples"] == 60 and payload["passed"]
+    from wsfold.quantize.images import ImageFolder, Preprocess
+
+    read = next(ImageFolder(folder, Preprocess((8, 8), 8, (0.5,), (0.5,)), 1).rows(0, 60, 60))
+    np.testing.assert_allclose(read, x, atol=1 / 255 + 1e-6)
+    no_prep = quantize(tmp_path / "n.onnx", "--input-shape", "1,1,8,8", calibration=folder)
+    assert no_prep.exit_code == 2 and "declares no preprocessing" in no_prep.stderr
+    bad = quantize(tmp_path / "b.onnx", "--image-size", "8,8", "--std", "0", calibration=folder)
+    assert bad.exit_code == 2 and "--std" in bad.stderr
+
+
+def test_the_declared_preprocessing_of_timm_and_transformers_models(tmp_path):
+    from wsfold.quantize.images import declared_preprocess
+
+    model = torch.nn.Conv2d(3, 4, 3)
+    model.pretrained_cfg = {"input_size": (3, 224, 224), "crop_pct": 0.875, "mean": (0.5,) * 3, "std": (0.25,) * 3,
+                            "interpolation": "bicubic"}  # fmt: skip
+    timm = declared_preprocess(model, None)
+    assert timm.size == (224, 224) and timm.resize == 256 and timm.interpolation == "bicubic"
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "size": {"shortest_edge": 256},
+                "crop_size": {"height": 224, "width": 224},
+                "resample": 3,
+                "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225],
+            }
+        )  # fmt: skip
+    )
+    hf = declared_preprocess(torch.nn.Conv2d(3, 4, 3), tmp_path)
+    assert hf.size == (224, 224) and hf.resize == 256 and hf.mean == (0.485, 0.456, 0.406)
+    assert hf.interpolation == "bicubic"
+    assert declared_preprocess(torch.nn.Conv2d(3, 4, 3), None) is None

@@ -69,6 +69,14 @@ class ExportError(WsfoldError):
     """The model cannot be exported as asked (for example input-size-dependent padding with --dynamic-hw)."""
 
 
+class CalibrationError(WsfoldError):
+    """A calibration or holdout set that cannot be used: missing, empty, NaN, not fitting the graph."""
+
+
+class QuantizeError(WsfoldError):
+    """The graph cannot be quantized as asked (onnxruntime's quantizer refuses it)."""
+
+
 class VerifyInputError(WsfoldError):
     """verify cannot run: ONNX file missing or unreadable, inputs that do not match the graph."""
 

@@ -72,6 +72,20 @@ def quantize(
     exclude: Annotated[
         list[str] | None, typer.Option("--exclude", help="Keep this conv/linear layer in float (repeat).")
     ] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            "--image-size",
+            help="For a folder of images: H,W the images are cropped to (the shorter side resized to it first). "
+            "Default: the model's declared preprocessing (timm pretrained_cfg, preprocessor_config.json).",
+        ),
+    ] = None,
+    mean: Annotated[
+        str | None, typer.Option("--mean", help="For images: per-channel mean after scaling to [0,1].")
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option("--std", help="For images: per-channel std after scaling to [0,1].")
+    ] = None,
     keep_failing: Annotated[
         bool, typer.Option("--keep-failing", help="Write OUT even when the verdict fails (still exit 1).")
     ] = False,
@@ -98,9 +112,11 @@ def quantize(
     """Bake, export and quantize SOURCE to a static int8 QDQ graph, judged on held-out data. Exit 1 when it
     loses more accuracy than the thresholds allow (OUT is then not written unless --keep-failing)."""
     from ..io.paths import check_output
+    from ..quantize.images import explicit_preprocess
     from ..quantize.int8 import _check_thresholds, quantize_onnx
 
     _check_thresholds(min_sqnr, min_agreement, calibrate_method)
+    preprocess = explicit_preprocess(image_size, mean, std)
     inputs = [_arch_file(arch), calibration, holdout]
     check_output(onnx_path, force=force, source=source, inputs=inputs, suffixes=(".onnx",), option="--onnx")
     shapes, input_dtypes, _ = _input_options(input_shape, input_dtype, None)
@@ -120,6 +136,7 @@ def quantize(
             exclude=exclude or (),
             keep_failing=keep_failing,
             force=force,
+            preprocess=preprocess,
             export_options={
                 "input_shapes": shapes,
                 "input_dtypes": input_dtypes,

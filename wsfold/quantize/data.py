@@ -11,11 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import WsfoldError, first_line
-
-
-class CalibrationError(WsfoldError):
-    """A calibration or holdout file that cannot be used: missing, empty, NaN, not fitting the graph."""
+from ..errors import CalibrationError, first_line
 
 
 @dataclass
@@ -107,17 +103,18 @@ class Samples:
             yield feed
 
 
-def open_samples(path: Path, specs: list[InputSpec], option: str) -> Samples:
+def open_samples(path: Path, specs: list[InputSpec], option: str, preprocess=None) -> Samples:
     """``path`` opened and checked against the graph inputs ``specs`` (names, ranks, fixed sizes, dtypes), every
-    value read once to refuse NaN/inf: a CalibrationError (exit 2) says what is wrong before any work."""
+    value read once to refuse NaN/inf: a CalibrationError (exit 2) says what is wrong before any work. A folder
+    is read as images with ``preprocess`` (see images.py)."""
+    from .images import image_samples
+
     path = Path(path)
     if not path.exists():
         raise CalibrationError(f"{option} {path}: no such file.", "check the path.")
     if path.is_dir():
-        raise CalibrationError(
-            f"{option} {path} is a folder; wsfold reads samples from one .npz or .pt file.",
-            "save the preprocessed inputs with numpy.savez(FILE, INPUT_NAME=array), samples along axis 0.",
-        )
+        folder = image_samples(path, specs, preprocess, option)
+        return Samples(path, option, list(specs), {specs[0].name: folder}, folder.shape[0])
     if not path.is_file():
         raise CalibrationError(f"{option} {path} is not a regular file (a pipe or a device?).", "pass a .npz file.")
     try:
@@ -196,7 +193,7 @@ def sample_shapes(path: Path, option: str) -> dict[str, tuple[tuple[int, ...], n
     """Each array's (shape, dtype) in a calibration file, from its headers only: the input shapes of a model that
     declares none."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or not path.is_file():
         open_samples(path, [], option)  # says what is wrong with the path
     try:
         arrays = _arrays(path)

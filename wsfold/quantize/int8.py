@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..errors import OptionError, WsfoldError, first_line
+from ..errors import OptionError, QuantizeError, WsfoldError, first_line
 from .data import InputSpec, Samples, open_samples, sample_shapes
+from .images import Preprocess, declared_preprocess
 
 if TYPE_CHECKING:
     from ..pipeline import Prepared
@@ -32,10 +33,6 @@ _SHAPE_OPS = {
     "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Gather", "Concat", "Slice", "Constant",
     "Identity", "Cast", "QuantizeLinear", "DequantizeLinear", "Expand", "Range", "Size",
 }  # fmt: skip
-
-
-class QuantizeError(WsfoldError):
-    """The graph cannot be quantized as asked (the quantizer refuses it, an --exclude names no layer)."""
 
 
 @dataclass
@@ -364,6 +361,7 @@ def quantize_onnx(
     exclude: Sequence[str] = (),
     keep_failing: bool = False,
     force: bool = False,
+    preprocess: Preprocess | None = None,
     export_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> QuantizeResult:
@@ -382,8 +380,9 @@ def quantize_onnx(
     _check_thresholds(min_sqnr, min_agreement, method)
     out = check_output(Path(out), force=force, source=prepared.source, suffixes=(".onnx",), option="--onnx")
     export_options = dict(export_options or {})
+    preprocess = preprocess or declared_preprocess(prepared.model, prepared.source)
     if not export_options.get("input_shapes"):
-        export_options.update(_shapes_from(prepared.model, Path(calibration)))
+        export_options.update(_shapes_from(prepared.model, Path(calibration), preprocess))
     with temp_folder(out) as tmp:
         work = tmp / "work"
         work.mkdir()
@@ -394,9 +393,9 @@ def quantize_onnx(
         session = ort_session(float_path)
         specs = input_specs(session)
         del session
-        cal = open_samples(Path(calibration), specs, "--calibration")
+        cal = open_samples(Path(calibration), specs, "--calibration", preprocess)
         if holdout is not None:
-            held = open_samples(Path(holdout), specs, "--holdout")
+            held = open_samples(Path(holdout), specs, "--holdout", preprocess)
             cal_stop, hold = cal.count, (held, 0, held.count)
             held_what = {"source": str(holdout), "samples": held.count}
         else:
@@ -458,7 +457,7 @@ def quantize_onnx(
     )
 
 
-def _shapes_from(model: torch.nn.Module, calibration: Path) -> dict[str, Any]:
+def _shapes_from(model: torch.nn.Module, calibration: Path, preprocess: Preprocess | None) -> dict[str, Any]:
     """Input shapes (batch 1) and integer dtypes from the calibration file, for a model that declares no input
     size: the arrays named as forward's parameters, or the one array of a one-input file."""
     from ..inputs import forward_input_names
@@ -466,6 +465,13 @@ def _shapes_from(model: torch.nn.Module, calibration: Path) -> dict[str, Any]:
 
     if declared_input_shape(model) is not None or getattr(model, "wsfold_input_shapes", None):
         return {}
+    if calibration.is_dir():
+        if preprocess is None:
+            return {}
+        # The image channels: what the first convolution takes (1 for grayscale), else one per --mean value.
+        first = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+        channels = first.in_channels if first is not None else max(len(preprocess.mean), 3)
+        return {"input_shapes": [(1, channels, *preprocess.size)]}
     found = sample_shapes(calibration, "--calibration")
     if len(found) == 1:
         chosen = list(found.values())
@@ -541,7 +547,7 @@ def verify_int8(
     session = ort_session(onnx_path)
     specs = input_specs(session)
     del session
-    held = open_samples(Path(holdout), specs, "--inputs")
+    held = open_samples(Path(holdout), specs, "--inputs", declared_preprocess(prepared.model, prepared.source))
     names = layer_names(prepared.model, onnx_path)
     counts, float_ops, failures = structure(onnx_path, names, set())
     outputs = judge(prepared.model, onnx_path, held, 0, held.count, min_sqnr=min_sqnr, min_agreement=min_agreement)
