@@ -28,6 +28,12 @@ MIN_SQNR_DB = 20.0
 MIN_AGREEMENT = 0.97
 HOLDOUT_SHARE = 0.2  # of CAL, when no --holdout is given
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# What is quantized: the layers, and the ops between them that have int8 kernels and keep a layer's output int8.
+# Reshape/Transpose/Squeeze are left out: onnxruntime 1.32's quantizer shares their quantization with a tensor it
+# has itself turned into an initializer around a GroupNorm (Reshape-InstanceNormalization-Reshape), then refuses
+# the graph ("shared mode is not supported for weight"); a reshape computes nothing int8 would speed up.
+QUANTIZED_OPS = (*COMPUTE_OPS, "Add", "Mul", "Relu", "Clip", "Sigmoid", "MaxPool", "AveragePool",
+                 "GlobalAveragePool", "Concat", "Resize", "LeakyRelu", "HardSigmoid", "HardSwish")  # fmt: skip
 # Ops that move or reshape values, or are the Q/DQ pairs themselves: not computations that int8 could speed up.
 _SHAPE_OPS = {
     "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Gather", "Concat", "Slice", "Constant",
@@ -181,6 +187,7 @@ def quantize_graph(
         quant_pre_process(str(float_path), str(pre))
     except Exception:  # noqa: BLE001 - symbolic shape inference refuses some graphs: the rest still applies
         quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+    exclude_nodes = [*exclude_nodes, *_float_pads(pre)]
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                  "entropy": CalibrationMethod.Entropy}[method]  # fmt: skip
     # MinMax's calibration graph outputs each tensor's min and max only (a few numbers per batch), so its memory
@@ -205,6 +212,7 @@ def quantize_graph(
             activation_type=QuantType.QInt8,
             calibrate_method=calibrate,
             nodes_to_exclude=list(exclude_nodes),
+            op_types_to_quantize=list(QUANTIZED_OPS),
             extra_options=extra,
         )
     except WsfoldError:
@@ -221,6 +229,17 @@ def quantize_graph(
     return caught.messages
 
 
+def _float_pads(path: Path) -> list[str]:
+    """Pad nodes whose pad value is a float initializer (wsfold writes Pad(-0.0) before a MaxPool so that
+    onnxruntime keeps -inf out of it): the QDQ quantizer would share the data's quantization with that
+    initializer and refuses ("shared mode is not supported for weight"). They stay in float; a pad moves values."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "Pad" and len(n.input) > 2 and n.input[2] in inits]
+
+
 def structure(q_path: Path, names: dict[str, str], excluded: set[str]) -> tuple[dict[str, int], list[dict], list[str]]:
     """(int8/float weight counts, ops left in float with the reason, structural failures naming the layer)."""
     import onnx
@@ -229,6 +248,7 @@ def structure(q_path: Path, names: dict[str, str], excluded: set[str]) -> tuple[
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    constants = {t.name for t in graph.initializer}
     counts = {"int8": 0, "float": 0}
     float_ops: list[dict[str, str]] = []
     failures: list[str] = []
@@ -248,20 +268,16 @@ def structure(q_path: Path, names: dict[str, str], excluded: set[str]) -> tuple[
                 float_ops.append({"op": node.op_type, "node": layer, "reason": "kept in float by --exclude"})
             else:
                 failures.append(f"layer {layer} ({node.op_type}): its weight is not int8 in the quantized graph")
-        elif node.op_type not in _SHAPE_OPS and node.op_type not in COMPUTE_OPS:
-            fed = [producers.get(i) for i in node.input if i]
-            if not any(p is not None and p.op_type == "DequantizeLinear" for p in fed):
-                continue
-            consumers_q = any(n.op_type == "QuantizeLinear" and node.output[0] in n.input for n in graph.node)
-            if not consumers_q or node.op_type in ("GroupNormalization", "InstanceNormalization",
-                                                    "LayerNormalization", "ReduceMean", "Softmax", "Div", "Sqrt", "Pow",
-                                                    "Sub"):  # fmt: skip
-                float_ops.append({
-                    "op": node.op_type,
-                    "node": node.name,
-                    "reason": "onnxruntime's QDQ quantizer has no int8 kernel for it: it runs in float between "
-                    "DequantizeLinear and QuantizeLinear",
-                })  # fmt: skip
+        elif node.op_type == "Pad" and len(node.input) > 2 and node.input[2] in constants:
+            float_ops.append({"op": "Pad", "node": node.name, "reason": "kept in float: its pad value (-0.0, so that "
+                              "onnxruntime keeps -inf out of the MaxPool after it) is a constant the quantizer "
+                              "cannot share; a pad moves values"})  # fmt: skip
+        elif node.op_type not in _SHAPE_OPS and node.op_type not in QUANTIZED_OPS:
+            float_ops.append({
+                "op": node.op_type,
+                "node": node.name,
+                "reason": "no int8 kernel for it in onnxruntime's QDQ quantizer: it runs in float",
+            })  # fmt: skip
     return counts, float_ops, failures
 
 
@@ -274,7 +290,7 @@ def judge(
     *,
     min_sqnr: float,
     min_agreement: float,
-    batch: int = 32,
+    batch: int = 4,
 ) -> list[OutputVerdict]:
     """Per output, over the holdout: SQNR of the int8 graph against the checkpoint's float output (the baked
     model in PyTorch), and for [N, C] outputs the share of samples whose top-1 class agrees. Streamed."""
@@ -438,7 +454,8 @@ def quantize_onnx(
         if not verdict.passed:
             if progress:
                 progress("find the layers that lose most")
-            sample_stop = min(hold[2], hold[1] + 64)
+            # The debugging tools keep every intermediate tensor of both graphs for each sample: a few suffice.
+            sample_stop = min(hold[2], hold[1] + 4)
             verdict.worst_layers = worst_layers(float_path, q_path, _Reader(hold[0], hold[1], sample_stop, batch),
                                                 names, work)  # fmt: skip
         sizes = {"float": _size(float_path), "int8": _size(q_path)}
@@ -489,9 +506,10 @@ def _shapes_from(model: torch.nn.Module, calibration: Path, preprocess: Preproce
 
 
 def _batch_size(specs: list[InputSpec]) -> int:
-    """The batch the graph takes: fixed by --static-batch (its dim 0), else 16."""
+    """The batch the graph takes: fixed by --static-batch (its dim 0), else 4: the calibration session holds a
+    batch's activations (a ResNet-50 at 224x224 about 0.1 GB a sample), so peak memory grows with it."""
     fixed = {s.dims[0] for s in specs if s.dims and s.dims[0] is not None}
-    return fixed.pop() if len(fixed) == 1 else 16
+    return fixed.pop() if len(fixed) == 1 else 4
 
 
 def _size(path: Path) -> int:
