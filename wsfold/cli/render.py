@@ -72,7 +72,7 @@ def verification(console: Console, result) -> None:
         if run is not None and (len(runs) > 1 or run.runtime != "onnxruntime" or run.precision != "f32"):
             where = f"{run.runtime} {run.version}, {run.precision}: "
         table = Table(
-            title=f"{where}ONNX vs checkpoint: max/rel/mean abs error; onnx-f64, orig-f64: each side vs float64",
+            title=f"{where}ONNX vs checkpoint",
             title_justify="left",
             box=box.SIMPLE_HEAD,
             pad_edge=False,
@@ -93,6 +93,11 @@ def verification(console: Console, result) -> None:
         for o in outputs:
             for problem in o.problems:
                 console.print(f"[red]{o.name}[/]: {where}{problem}", highlight=False)
+    console.print(
+        "[dim]max, rel, mean: the graph's error against the checkpoint; onnx-f64, orig-f64: each one's against "
+        "float64; limit: what the rule allows onnx-f64[/]",
+        highlight=False,
+    )
     bad_layers = [layer for layer in result.layers if not layer.passed]
     if result.layers:
         paired = result.layers_compared - len(result.layers_unpaired)
