@@ -97,12 +97,16 @@ def rewrite_and_audit(proto: onnx.ModelProto, *, fold: bool, base_dir: Path | No
         fold_constants,
         guard_pad_maxpool,
     )
+    from .simplify import drop_identity_arithmetic, fold_static_shapes
 
     if fold:
         proto = fold_constants(proto)
     # Whatever computes on constants alone is evaluated here, one node at a time (with either exporter, folded
     # by onnxscript or not): the written graph computes nothing that could have been a constant.
     fold_constant_nodes(proto, base_dir)
+    # Exact simplifications a simplifier would make: identity arithmetic, batch-independent shapes.
+    fold_static_shapes(proto)  # first: shape inference sees through a constant Reshape target, not Shape(y)
+    drop_identity_arithmetic(proto, base_dir)
     strip_trace_metadata(proto)
     deduped = dedupe_initializers(proto, base_dir)
     guards = guard_pad_maxpool(proto, base_dir)

@@ -117,14 +117,7 @@ def open_samples(path: Path, specs: list[InputSpec], option: str, preprocess=Non
         return Samples(path, option, list(specs), {specs[0].name: folder}, folder.shape[0])
     if not path.is_file():
         raise CalibrationError(f"{option} {path} is not a regular file (a pipe or a device?).", "pass a .npz file.")
-    try:
-        arrays = _arrays(path)
-    except CalibrationError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any unreadable file
-        raise CalibrationError(
-            f"{option} {path} is unreadable ({first_line(exc)}).", "write it with numpy.savez or torch.save."
-        ) from None
+    arrays = _readable_arrays(path, option)
     if len(specs) == 1 and specs[0].name not in arrays and len(arrays) == 1:
         arrays = {specs[0].name: next(iter(arrays.values()))}  # one array for a one-input model
     names = [s.name for s in specs]
@@ -195,12 +188,15 @@ def sample_shapes(path: Path, option: str) -> dict[str, tuple[tuple[int, ...], n
     path = Path(path)
     if not path.exists() or not path.is_file():
         open_samples(path, [], option)  # says what is wrong with the path
+    return {name: (tuple(a.shape), a.dtype) for name, a in _readable_arrays(path, option).items()}
+
+
+def _readable_arrays(path: Path, option: str) -> dict[str, object]:
     try:
-        arrays = _arrays(path)
+        return _arrays(path)
     except CalibrationError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file
         raise CalibrationError(
             f"{option} {path} is unreadable ({first_line(exc)}).", "write it with numpy.savez or torch.save."
         ) from None
-    return {name: (tuple(a.shape), a.dtype) for name, a in arrays.items()}
