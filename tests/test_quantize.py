@@ -96,6 +96,23 @@ def test_all_zero_calibration_fails_the_verdict_and_writes_nothing(tmp_path):
     assert kept.exit_code == 1 and out.exists()
 
 
+def test_a_constant_holdout_proves_nothing_and_fails(tmp_path):
+    """All-zero CAL with its own last fifth as the holdout: int8 and float agree on constant data, so the verdict
+    passed (30 dB) for a graph that scores 1.3 dB on real data."""
+    zeros = tmp_path / "zeros.npz"
+    np.savez(zeros, x=np.zeros((64, 1, 8, 8), np.float32))
+    out = tmp_path / "z.onnx"
+    result = quantize(out, "--json", calibration=zeros)
+    assert result.exit_code == 1 and not out.exists()
+    assert any("all identical" in f for f in json.loads(result.stdout)["failures"])
+
+
+def test_verify_of_an_int8_graph_refuses_options_it_would_not_apply(int8):
+    out, _ = int8
+    result = run("verify", SOURCE, "--arch", ARCH, "--onnx", out, "--inputs", TEST, "--runtime", "openvino")
+    assert result.exit_code == 2 and "onnxruntime only" in result.stderr
+
+
 def test_the_default_holdout_is_the_last_fifth_of_cal_and_exclude_keeps_a_layer_in_float(tmp_path):
     out = tmp_path / "e.onnx"
     result = quantize(out, "--exclude", "head", "--json")
@@ -145,7 +162,10 @@ def test_bad_calibration_files_are_exit_2_with_one_line_and_nothing_written(tmp_
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--calibrate-method", "kl"], "--calibrate-method 'kl' is not one of minmax, percentile, entropy"),
+        (["--calibrate-method", "kl"], "--calibrate-method 'kl' is not one of minmax, percentile"),
+        (["--calibrate-method", "entropy"], "gives minmax's result"),
+        (["--image-size", "8,8"], "--image-size, --mean and --std go together"),
+        (["--image-size", "8,8", "--mean", "0", "--std", "1"], "apply to a folder of images"),
         (["--min-agreement", "1.5"], "--min-agreement 1.5 must be a share from 0 to 1"),
         (["--min-sqnr", "nan"], "--min-sqnr nan must be a finite number"),
     ],

@@ -117,7 +117,7 @@ def test_a_dynamic_size_graph_runs_on_openvino_at_both_sizes(tmp_path):
     "args, message",
     [
         (["--runtime", "tvm"], "--runtime 'tvm' is not one of onnxruntime, openvino, tensorrt"),
-        (["--runtime", "tensorrt"], "--runtime tensorrt: this machine has no"),
+        (["--runtime", "tensorrt"], "--runtime tensorrt: this machine has no TensorRT"),
         (["--precision", "f8"], "--precision 'f8' is not one of f32, bf16, f16"),
         (["--precision", "bf16"], "onnxruntime's CPU provider computes this graph in f32 only"),
     ],
@@ -152,3 +152,10 @@ def test_the_python_api_takes_runtimes(graph):
     prepared = wsfold.prepare(ckpt(NAME), arch=arch_spec(NAME))
     result = wsfold.verify_onnx(prepared, graph, runtimes=["openvino"], precision="f32", input_shapes=[(1, 3, 32, 32)])
     assert result and [r.runtime for r in result.runtimes] == ["openvino"] and result.runtimes[0].precision == "f32"
+
+
+def test_openvino_named_before_onnxruntime(graph):
+    """onnxruntime runs first on the session verify opened, whatever the order; the report keeps the order asked."""
+    result = verify(graph, "--runtime", "openvino", "--runtime", "onnxruntime", "--json")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert [r["runtime"] for r in json.loads(result.stdout)["runtimes"]] == ["openvino", "onnxruntime"]

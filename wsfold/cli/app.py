@@ -285,6 +285,12 @@ def verify(
             option="--report",
         )
     int8 = is_qdq(onnx_path)
+    if int8 and (precision is not None or any(r != "onnxruntime" for r in runtime or [])):
+        raise OptionError(
+            f"{onnx_path} is an int8 QDQ graph, and its verdict runs on onnxruntime only in this version: "
+            "--runtime/--precision would not be applied.",
+            "drop --runtime and --precision for an int8 graph.",
+        )
     if int8 and inputs is None:
         raise OptionError(
             f"{onnx_path} is an int8 QDQ graph: it is judged by SQNR and top-1 agreement on real data, not on "

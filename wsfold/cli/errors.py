@@ -79,7 +79,9 @@ def interrupted_line(signum: int) -> str:
     from ..io.paths import PLACED
 
     name = signal.Signals(signum).name
-    done = f"only {', '.join(map(str, PLACED))} was written before" if PLACED else "no output was written"
+    # What a temporary folder held (quantize's float graph) was placed there and is gone with it: not an output.
+    placed = [p for p in PLACED if p.exists() and not any(part.startswith(".wsfold-") for part in p.parts)]
+    done = f"only {', '.join(map(str, placed))} was written before" if placed else "no output was written"
     return f"wsfold: interrupted ({name}); {done}."
 
 

@@ -59,8 +59,8 @@ def quantize(
         str,
         typer.Option(
             "--calibrate-method",
-            help="minmax (memory independent of the number of samples), percentile or entropy (both keep every "
-            "intermediate activation of every sample until the end).",
+            help="minmax (memory independent of the number of samples) or percentile (keeps every intermediate "
+            "activation of every sample until the end). entropy is refused: onnxruntime gives minmax's result.",
         ),
     ] = "minmax",
     min_sqnr: Annotated[
@@ -111,12 +111,19 @@ def quantize(
 ) -> None:
     """Bake, export and quantize SOURCE to a static int8 QDQ graph, judged on held-out data. Exit 1 when it
     loses more accuracy than the thresholds allow (OUT is then not written unless --keep-failing)."""
+    from ..errors import OptionError
     from ..io.paths import check_output
     from ..quantize.images import explicit_preprocess
     from ..quantize.int8 import _check_thresholds, quantize_onnx
 
     _check_thresholds(min_sqnr, min_agreement, calibrate_method)
     preprocess = explicit_preprocess(image_size, mean, std)
+    if preprocess is not None and not calibration.is_dir():
+        raise OptionError(
+            "--image-size, --mean and --std apply to a folder of images; --calibration is a file of inputs, which "
+            "are taken as they are.",
+            "drop them, or pass a folder of images.",
+        )
     inputs = [_arch_file(arch), calibration, holdout]
     check_output(onnx_path, force=force, source=source, inputs=inputs, suffixes=(".onnx",), option="--onnx")
     shapes, input_dtypes, _ = _input_options(input_shape, input_dtype, None)

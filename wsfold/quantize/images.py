@@ -71,8 +71,12 @@ def explicit_preprocess(size: str | None, mean: str | None, std: str | None) -> 
     """--image-size H,W (or S), --mean and --std (one value or one per channel); None when none is given."""
     if size is None and mean is None and std is None:
         return None
-    if size is None:
-        raise CalibrationError("--mean/--std need --image-size.", "pass --image-size H,W as well.")
+    if size is None or mean is None or std is None:
+        raise CalibrationError(
+            "--image-size, --mean and --std go together (the normalization the model was trained with).",
+            "pass all three: e.g. --image-size 224,224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 (0 and 1 "
+            "for a model that takes [0, 1] pixels).",
+        )
 
     def floats(text: str | None, option: str, default: float) -> tuple[float, ...]:
         if text is None:

@@ -3,6 +3,8 @@ int8 activations), check its structure, and judge it on held-out data against th
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import tempfile
@@ -14,14 +16,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..errors import OptionError, QuantizeError, WsfoldError, first_line
+from ..errors import CalibrationError, OptionError, QuantizeError, WsfoldError, first_line
 from .data import InputSpec, Samples, open_samples, sample_shapes
 from .images import Preprocess, declared_preprocess
 
 if TYPE_CHECKING:
     from ..pipeline import Prepared
 
-METHODS = ("minmax", "percentile", "entropy")
+METHODS = ("minmax", "percentile")
+# onnxruntime 1.32's quantize_static runs entropy calibration with 128 histogram bins and 128 quantized bins, which
+# it cannot be told otherwise: its KL search then has one candidate, the full range, and gives minmax's scales
+# at percentile's memory. Refused with that reason rather than offered as a method it is not.
+_ENTROPY = (
+    "onnxruntime's quantize_static runs it with as many quantized bins as histogram bins, so it gives minmax's result"
+)
 # Defaults from measurements (docs/int8.md): the trained digits fixture quantizes at 33.7 dB with 100% top-1
 # agreement on its 597 held-out images; calibrated on all-zero data instead, at 1.3 dB and 40% agreement.
 MIN_SQNR_DB = 20.0
@@ -130,6 +138,8 @@ def input_specs(session) -> list[InputSpec]:
 
 
 def _check_thresholds(min_sqnr: float, min_agreement: float, method: str) -> None:
+    if method == "entropy":
+        raise OptionError(f"--calibrate-method entropy: {_ENTROPY} (measured: byte-identical scales).", "use minmax.")
     if method not in METHODS:
         raise OptionError(f"--calibrate-method {method!r} is not one of {', '.join(METHODS)}.", "use minmax.")
     if not math.isfinite(min_sqnr):
@@ -188,8 +198,7 @@ def quantize_graph(
     except Exception:  # noqa: BLE001 - symbolic shape inference refuses some graphs: the rest still applies
         quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
     exclude_nodes = [*exclude_nodes, *_float_pads(pre)]
-    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                 "entropy": CalibrationMethod.Entropy}[method]  # fmt: skip
+    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[method]
     # MinMax's calibration graph outputs each tensor's min and max only (a few numbers per batch), so its memory
     # does not grow with CAL's activations; CalibMaxIntermediateOutputs is not used: in onnxruntime 1.32 it drops
     # the batches it clears without merging their ranges ("No data is collected").
@@ -202,19 +211,20 @@ def quantize_graph(
     # which is removed however the command ends, rather than in the system's temporary folder.
     saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(work)
     try:
-        quantize_static(
-            str(pre),
-            str(q_path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            activation_type=QuantType.QInt8,
-            calibrate_method=calibrate,
-            nodes_to_exclude=list(exclude_nodes),
-            op_types_to_quantize=list(QUANTIZED_OPS),
-            extra_options=extra,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print progress to stdout
+            quantize_static(
+                str(pre),
+                str(q_path),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QInt8,
+                calibrate_method=calibrate,
+                nodes_to_exclude=list(exclude_nodes),
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                extra_options=extra,
+            )
     except WsfoldError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer's refusals are about this graph
@@ -305,16 +315,29 @@ def judge(
     noise = [0.0] * len(names)
     agree: list[int | None] = [0] * len(names)
     count = 0
+    first: dict[str, np.ndarray] | None = None
+    identical = True
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     del ort
     for feed in samples.batches(start, stop, batch):
+        if first is None:
+            first = {k: v[:1] for k, v in feed.items()}
+        identical = identical and all(np.array_equal(v, np.broadcast_to(first[k], v.shape)) for k, v in feed.items())
         got = session.run(None, feed)
         args = tuple(
             torch.from_numpy(np.ascontiguousarray(feed[s.name])).to(dtype) if feed[s.name].dtype.kind == "f"
             else torch.from_numpy(feed[s.name]) for s in samples.specs
         )  # fmt: skip
-        with torch.no_grad():
-            _, want = flatten_outputs(model(*args))
+        try:
+            with torch.no_grad():
+                _, want = flatten_outputs(model(*args))
+        except Exception as exc:  # noqa: BLE001 - the user's model, on the user's data
+            shapes = ", ".join(f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args)
+            raise CalibrationError(
+                f"the checkpoint's model cannot run on the held-out samples ({shapes}: {type(exc).__name__}: "
+                f"{first_line(exc)}).",
+                "check that the graph and the samples are this SOURCE's (--onnx, --inputs or --holdout).",
+            ) from None
         for i, (g, w) in enumerate(zip(got, want)):
             w = w.double().numpy()
             g = g.astype(np.float64)
@@ -327,6 +350,9 @@ def judge(
         count += len(next(iter(feed.values())))
     del session
     verdicts = []
+    if identical and count > 1:
+        # Constant held-out data (all-zero images) agrees with anything: a verdict on it proves nothing.
+        return [OutputVerdict(name, float("nan"), None, False) for name in names]
     for i, name in enumerate(names):
         sqnr = 10 * math.log10(max(signal[i], 1e-300) / max(noise[i], 1e-300))
         top1 = None if agree[i] is None else agree[i] / count
@@ -335,7 +361,15 @@ def judge(
     return verdicts
 
 
-def worst_layers(float_path: Path, q_path: Path, reader: _Reader, names: dict[str, str], work: Path, top: int = 5):
+def worst_layers(
+    float_path: Path,
+    q_path: Path,
+    reader: _Reader,
+    names: dict[str, str],
+    work: Path,
+    excluded: set[str] = frozenset(),
+    top: int = 5,
+):
     """The layers whose outputs lose most (SQNR of each layer's output in the int8 graph against the float
     graph's), from onnxruntime's QDQ debugging tools."""
     from onnxruntime.quantization.qdq_loss_debug import (
@@ -362,6 +396,7 @@ def worst_layers(float_path: Path, q_path: Path, reader: _Reader, names: dict[st
         ((e["xmodel_err"], name) for name, e in errors.items() if "xmodel_err" in e and producers.get(name) in names),
         key=lambda x: x[0],
     )
+    ranked = [(err, name) for err, name in ranked if producers[name] not in excluded]
     return [{"layer": names[producers[name]], "sqnr_db": round(float(err), 2)} for err, name in ranked[:top]]
 
 
@@ -435,7 +470,7 @@ def quantize_onnx(
         if unknown:
             raise OptionError(
                 f"--exclude {unknown[0]!r} names no conv/linear layer of the graph.",
-                f"use a layer name as inspect lists them, e.g. {', '.join(list(by_layer)[:3])}.",
+                f"use the name of one of the model's conv/linear layers: {', '.join(list(by_layer)[:4])}, ...",
             )
         excluded_nodes = [by_layer[e] for e in exclude]
         batch = _batch_size(specs)
@@ -450,6 +485,7 @@ def quantize_onnx(
             progress(f"judge on {held_what['samples']} held-out sample(s)")
         outputs = judge(prepared.model, q_path, hold[0], hold[1], hold[2], min_sqnr=min_sqnr,
                         min_agreement=min_agreement)  # fmt: skip
+        failures += _constant_holdout(outputs, held_what)
         verdict = Int8Verdict(outputs, counts, float_ops, failures, held_what, min_sqnr, min_agreement)
         if not verdict.passed:
             if progress:
@@ -457,7 +493,7 @@ def quantize_onnx(
             # The debugging tools keep every intermediate tensor of both graphs for each sample: a few suffice.
             sample_stop = min(hold[2], hold[1] + 4)
             verdict.worst_layers = worst_layers(float_path, q_path, _Reader(hold[0], hold[1], sample_stop, batch),
-                                                names, work)  # fmt: skip
+                                                names, work, set(excluded_nodes))  # fmt: skip
         sizes = {"float": _size(float_path), "int8": _size(q_path)}
         placed = verdict.passed or keep_failing
         if placed:
@@ -484,7 +520,11 @@ def _shapes_from(model: torch.nn.Module, calibration: Path, preprocess: Preproce
         return {}
     if calibration.is_dir():
         if preprocess is None:
-            return {}
+            raise CalibrationError(
+                f"--calibration {calibration} is a folder of images and the model declares no preprocessing (no "
+                "input size, mean or std).",
+                "pass --image-size H,W --mean M[,M,M] --std S[,S,S] as the model was trained.",
+            )
         # The image channels: what the first convolution takes (1 for grayscale), else one per --mean value.
         first = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
         channels = first.in_channels if first is not None else max(len(preprocess.mean), 3)
@@ -497,12 +537,29 @@ def _shapes_from(model: torch.nn.Module, calibration: Path, preprocess: Preproce
             (n for n in range(1, len(found) + 1) if set(forward_input_names(model, n)) <= set(found)), default=0
         )
         chosen = [found[name] for name in forward_input_names(model, count)] if count else []
-    if not chosen or any(len(shape) < 1 for shape, _ in chosen):
-        return {}  # export says that the input size is needed
+        if not chosen:
+            wanted = ", ".join(forward_input_names(model, 1))
+            raise CalibrationError(
+                f"--calibration {calibration} has no array named as the model's input ({wanted}; it has: "
+                f"{', '.join(found) or 'nothing'}).",
+                "key the arrays by the model's input names, or pass --input-shape to name the graph's inputs.",
+            )
+    if any(len(shape) < 2 for shape, _ in chosen):
+        return {}  # a sample of rank 0: export says that the input size is needed
     return {
         "input_shapes": [(1, *shape[1:]) for shape, _ in chosen],
-        "input_dtypes": [str(dtype) if dtype.kind in "iub" else None for _, dtype in chosen],
+        # int64/int32/bool arrays feed an integer input (a timestep, token ids); anything else a float one.
+        "input_dtypes": [str(dtype) if str(dtype) in ("int64", "int32", "bool") else None for _, dtype in chosen],
     }
+
+
+def _constant_holdout(outputs: list[OutputVerdict], holdout: dict[str, Any]) -> list[str]:
+    if outputs and all(math.isnan(o.sqnr_db) for o in outputs):
+        return [
+            f"the {holdout['samples']} held-out samples are all identical (constant data): a verdict on them proves "
+            "nothing; pass --holdout (or --inputs) with real samples"
+        ]
+    return []
 
 
 def _batch_size(specs: list[InputSpec]) -> int:
@@ -534,17 +591,11 @@ def _named(message: str, names: dict[str, str]) -> str:
 
 
 def is_qdq(onnx_path: Path) -> bool:
-    """Whether the graph at ``onnx_path`` is a QDQ int8 graph: a conv/linear weight comes from a DequantizeLinear."""
+    """Whether the graph at ``onnx_path`` is a QDQ graph (it dequantizes something: weights, activations, or
+    both; with every layer excluded only its activations are)."""
     from ..onnx.store import load_without_weights
 
-    graph = load_without_weights(onnx_path).graph
-    producers = {out: node for node in graph.node for out in node.output}
-    return any(
-        node.op_type in COMPUTE_OPS
-        and len(node.input) > 1
-        and getattr(producers.get(node.input[1]), "op_type", "") == "DequantizeLinear"
-        for node in graph.node
-    )
+    return any(node.op_type == "DequantizeLinear" for node in load_without_weights(onnx_path).graph.node)
 
 
 def verify_int8(
@@ -570,4 +621,5 @@ def verify_int8(
     counts, float_ops, failures = structure(onnx_path, names, set())
     outputs = judge(prepared.model, onnx_path, held, 0, held.count, min_sqnr=min_sqnr, min_agreement=min_agreement)
     holdout_what = {"source": str(holdout), "samples": held.count}
+    failures += _constant_holdout(outputs, holdout_what)
     return Int8Verdict(outputs, counts, float_ops, failures, holdout_what, min_sqnr, min_agreement)

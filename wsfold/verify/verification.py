@@ -328,19 +328,19 @@ def verify_onnx(
     # one loads and before the checkpoint's model runs, and the model's file-backed weights are not resident
     # while the graph runs (handed back again: finding a second input size may have run the model).
     release_file_pages(original)
-    runs: list[RuntimeRun] = []
-    for name in runtimes:
-        if name == "onnxruntime":
-            import onnxruntime
+    done: dict[str, RuntimeRun] = {}
+    if "onnxruntime" in runtimes:  # first, on the session already open, whatever the order asked
+        import onnxruntime
 
-            outputs = _run_graph(session, feeds)
-            runs.append(RuntimeRun("onnxruntime", onnxruntime.__version__, computes_in, outputs))
-        else:
-            session = None
-            trim_heap()
-            runs.append(run_runtime(name, onnx_path, feeds, precision=precision, graph_dtype=computes_in))
+        done["onnxruntime"] = RuntimeRun(
+            "onnxruntime", onnxruntime.__version__, computes_in, _run_graph(session, feeds)
+        )
     del session
     trim_heap()
+    for name in runtimes:
+        if name not in done:
+            done[name] = run_runtime(name, onnx_path, feeds, precision=precision, graph_dtype=computes_in)
+    runs = [done[name] for name in runtimes]
     per_run = _run_checks(runs, refs, feeds, input_names, rule, onnx_names)
     checks = per_run[0]
     result = VerificationResult(criterion, samples if not inputs_file else 1, checks, ort_opt_level=ort_opt_level)

@@ -59,11 +59,11 @@ def _tensorrt_absence() -> str:
     """Why --runtime tensorrt cannot run: what is missing here (no runner ships without a machine to run it on)."""
     missing = []
     if importlib.util.find_spec("tensorrt") is None:
-        missing.append("TensorRT (the tensorrt package)")
+        missing.append("no TensorRT (the tensorrt package)")
     if not torch.cuda.is_available():
-        missing.append("a CUDA GPU")
+        missing.append("no CUDA GPU")
     if missing:
-        return f"--runtime tensorrt: this machine has no {' and no '.join(missing)}."
+        return f"--runtime tensorrt: this machine has {' and '.join(missing)}."
     return "--runtime tensorrt: this version of wsfold has no TensorRT runner yet."
 
 

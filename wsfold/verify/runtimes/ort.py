@@ -102,5 +102,5 @@ def check_precision(precision: str | None, graph_dtype: torch.dtype) -> None:
         raise VerifyInputError(
             f"--precision {precision}: onnxruntime's CPU provider computes this graph in "
             f"{precision_name(graph_dtype)} only.",
-            "add --runtime openvino to verify at another precision, or leave --precision out.",
+            "ask for another precision with --runtime openvino alone, or leave --precision out.",
         )
