@@ -59,8 +59,8 @@ def quantize(
         str,
         typer.Option(
             "--calibrate-method",
-            help="minmax (memory independent of the number of samples) or percentile (keeps every intermediate "
-            "activation of every sample until the end). entropy is refused: onnxruntime gives minmax's result.",
+            help="minmax (memory independent of the number of samples), percentile or entropy (both keep every "
+            "intermediate activation of every sample until the end).",
         ),
     ] = "minmax",
     min_sqnr: Annotated[
