@@ -21,7 +21,7 @@ _API = {
     "export_onnx": "onnx.export",
     "verify_onnx": "verify.verification",
     "quantize_onnx": "quantize.int8",
-    "verify_int8": "quantize.int8",
+    "verify_int8": "quantize.verdict",
     "WsfoldError": "errors",
 }
 __all__ = [
@@ -51,7 +51,8 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs
     from .load.checkpoint import load_baked, load_model
     from .onnx.export import export_onnx
     from .pipeline import Prepared, prepare
-    from .quantize.int8 import quantize_onnx, verify_int8
+    from .quantize.int8 import quantize_onnx
+    from .quantize.verdict import verify_int8
     from .verify.verification import verify_onnx
 
 

@@ -262,7 +262,7 @@ def verify(
     from ..errors import OptionError
     from ..inputs import parse_range, parse_shape
     from ..io.paths import atomic_path, check_output
-    from ..quantize.int8 import is_qdq, verify_int8
+    from ..quantize.verdict import is_qdq, verify_int8
     from ..verify.feeds import check_inputs_file
     from ..verify.runtimes import check_runtimes
     from ..verify.verification import check_onnx_file, verify_onnx

@@ -114,7 +114,8 @@ def quantize(
     from ..errors import OptionError
     from ..io.paths import check_output
     from ..quantize.images import explicit_preprocess
-    from ..quantize.int8 import _check_thresholds, quantize_onnx
+    from ..quantize.int8 import quantize_onnx
+    from ..quantize.verdict import _check_thresholds
 
     _check_thresholds(min_sqnr, min_agreement, calibrate_method)
     preprocess = explicit_preprocess(image_size, mean, std)

@@ -264,7 +264,7 @@ def verify_onnx(
     runtimes = check_runtimes(list(runtimes or []), precision)
     inputs_file = Path(inputs_file) if inputs_file is not None else None
     onnx_path = check_onnx_file(onnx_path)
-    from ..quantize.int8 import is_qdq
+    from ..quantize.verdict import is_qdq
 
     if is_qdq(onnx_path):
         raise VerifyInputError(
