@@ -71,31 +71,37 @@ def drop_identity_arithmetic(proto: onnx.ModelProto, base_dir: Path | None = Non
 
 
 def fold_static_shapes(proto: onnx.ModelProto) -> int:
-    """A Reshape whose target shape is Shape(y), y's shape static but for one dim (the batch): the target becomes
-    a constant with -1 there. The Shape node then computes nothing anyone reads, and goes. Returns how many."""
+    """A Reshape whose target is computed at run time (Shape, Slice, Concat of the input's shape) while its output's
+    shape is static but for one dim (the batch) gets that shape as a constant target (0 for the batch where the
+    input has it at the same place, so that shape inference keeps its name downstream; -1 otherwise). The shape
+    arithmetic then computes nothing anyone reads, and goes. Returns how many targets became constant."""
     graph = proto.graph
+    inits = {t.name for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
     shapes = None
     folded = 0
     made: dict[bytes, str] = {}
     for node in graph.node:
-        if node.op_type != "Reshape" or len(node.input) < 2:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] in inits:
             continue
-        source = producers.get(node.input[1])
-        whole = all(a.name == "start" and a.i == 0 for a in source.attribute) if source is not None else False
-        if source is None or source.op_type != "Shape" or not whole:
-            continue  # Shape with start/end: a slice of the shape, left as it is
+        if any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
         shapes = shapes if shapes is not None else _shapes(proto)
-        dims = shapes.get(source.input[0])
+        dims = shapes.get(node.output[0])
+        source = producers.get(node.input[1])
+        if (
+            source is not None
+            and source.op_type == "Shape"
+            and all(a.name == "start" and a.i == 0 for a in source.attribute)
+        ):
+            dims = shapes.get(source.input[0])  # Reshape(x, Shape(y)): y's shape, which inference knows better
         if not dims:
             continue
         unknown = [i for i, d in enumerate(dims) if not isinstance(d, int)]
-        if len(unknown) > 1 or 0 in dims:  # a 0 in a Reshape target copies the input's dim instead
-            continue
-        # The one unknown dim: 0 (copy the input's) where the input has the same symbolic dim there, so that shape
-        # inference keeps the batch's name downstream; -1 (whatever is left) otherwise.
+        if len(unknown) > 1 or 0 in dims:
+            continue  # two dynamic dims (-1 can stand for one only), or an empty one
         data = shapes.get(node.input[0]) or []
-        keep = [i for i in unknown if i < len(data) and data[i] == dims[i] and isinstance(dims[i], str)]
+        keep = [i for i in unknown if i < len(data) and isinstance(dims[i], str) and data[i] == dims[i]]
         target = np.array([d if isinstance(d, int) else (0 if i in keep else -1) for i, d in enumerate(dims)])
         key = target.astype(np.int64).tobytes()
         if key not in made:
