@@ -224,6 +224,9 @@ def quantize_onnx(
     _check_thresholds(min_sqnr, min_agreement, method)
     out = check_output(Path(out), force=force, source=prepared.source, suffixes=(".onnx",), option="--onnx")
     export_options = dict(export_options or {})
+    # onnxruntime's quantizer calibrates and quantizes float32 graphs: a float16/bfloat16 checkpoint is exported
+    # widened (exactly) to float32 first.
+    export_options.setdefault("dtype", torch.float32)
     preprocess = preprocess or declared_preprocess(prepared.model, prepared.source)
     if not export_options.get("input_shapes"):
         export_options.update(_shapes_from(prepared.model, Path(calibration), preprocess))
@@ -285,7 +288,7 @@ def quantize_onnx(
                 progress("find the layers that lose most")
             # The debugging tools keep every intermediate tensor of both graphs for each sample: a few suffice.
             sample_stop = min(hold[2], hold[1] + 4)
-            verdict.worst_layers = worst_layers(float_path, q_path, _Reader(hold[0], hold[1], sample_stop, batch),
+            verdict.worst_layers = _ranked_or_none(float_path, q_path, _Reader(hold[0], hold[1], sample_stop, batch),
                                                 names, work, set(excluded_nodes))  # fmt: skip
         sizes = {"float": _size(float_path), "int8": _size(q_path)}
         placed = verdict.passed or keep_failing
@@ -301,6 +304,15 @@ def quantize_onnx(
         sizes,
         list(exclude),
     )
+
+
+def _ranked_or_none(*args, **kwargs) -> list[dict[str, Any]]:
+    """The layers that lose most, or none when onnxruntime's debugging tools cannot pair the two graphs' tensors:
+    the ranking explains a failed verdict, it is not one."""
+    try:
+        return worst_layers(*args, **kwargs)
+    except (KeyError, ValueError, RuntimeError):
+        return []
 
 
 def _shapes_from(model: torch.nn.Module, calibration: Path, preprocess: Preprocess | None) -> dict[str, Any]:
