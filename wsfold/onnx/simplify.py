@@ -17,7 +17,9 @@ _SMALL = 1 << 16  # elements: an identity operand is a per-channel affine, never
 
 def _shapes(proto: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     """Each value's shape as onnx's shape inference sees it (dims: int, a symbol such as the batch, or None)."""
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    # data_prop: shape arithmetic (Shape, Slice, Concat) is evaluated symbolically, so a Reshape whose target it
+    # computes gets an output shape.
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     shapes = {}
     for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         t = value.type.tensor_type
