@@ -54,9 +54,19 @@ def test_readme_is_short_and_every_link_resolves():
 
 @pytest.mark.slow
 def test_the_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
+    import shutil
+
+    # Built from a copy of the tracked files: setuptools never cleans build/lib, so a build in the work tree can
+    # ship modules deleted since (and would write into build/, where the demo writes its outputs).
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    source = tmp_path / "src"
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(source)],
         check=True,
         capture_output=True,
     )
@@ -75,3 +85,15 @@ def test_the_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
 
     names = zipfile.ZipFile(wheel).namelist()
     assert "wsfold/py.typed" in names and "wsfold/verify/runtimes/openvino.py" in names
+    assert any(n.endswith("licenses/LICENSE") for n in names)
+
+
+def test_a_missing_dependency_is_the_environments_not_a_bug(tmp_path):
+    """A wheel installed with --no-deps has no torch: exit 2 saying what to install, not 'a bug in wsfold'."""
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.argv = ['wsfold', 'inspect', 'x.pt']; "
+        "from wsfold.cli import main; main()"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "'torch' that wsfold needs is not installed" in result.stderr and "pip install torch" in result.stderr

@@ -368,7 +368,8 @@ def export(
         str,
         typer.Option(
             "--exporter",
-            help="dynamo (torch's supported exporter) or torchscript (faster, but deprecated by torch; see README).",
+            help="dynamo (torch's supported exporter) or torchscript (faster, but deprecated by torch; see "
+            "docs/formats.md).",
         ),
     ] = "dynamo",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,

@@ -85,6 +85,11 @@ def interrupted_line(signum: int) -> str:
     return f"wsfold: interrupted ({name}); {done}."
 
 
+# Import name -> what to install: wsfold's own dependencies (pyproject.toml).
+REQUIRED = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript",
+            "safetensors": "safetensors", "numpy": "numpy", "rich": "rich", "typer": "typer"}  # fmt: skip
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """WsfoldError -> one stderr line and its exit code; a stop signal -> 128 + its number; a closed stdout (e.g.
     `| head -1`) -> 141 as for SIGPIPE, quietly; any other exception is a bug: exit 3 with its location (the whole
@@ -129,6 +134,17 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             raise typer.Exit(128 + signal.SIGPIPE) from None
+        except ModuleNotFoundError as exc:
+            # A package wsfold depends on is missing from the environment (a wheel installed with --no-deps): the
+            # environment's, not a bug; a module of wsfold's own that is missing is.
+            if (exc.name or "").split(".")[0] not in REQUIRED:
+                raise _bug(exc) from None
+            print(
+                f"wsfold: error: the package {exc.name.split('.')[0]!r} that wsfold needs is not installed. "
+                f"Hint: pip install {REQUIRED[exc.name.split('.')[0]]} (torch first, the way your platform wants).",
+                file=sys.stderr,
+            )
+            raise typer.Exit(EXIT_INPUT) from None
         except OSError as exc:
             if exc.errno not in ENVIRONMENT_ERRNOS:
                 raise _bug(exc) from None

@@ -42,7 +42,7 @@ def quantize(
         typer.Option(
             "--calibration",
             help="Calibration samples: .npz keyed by input name (one array for a one-input model) or .pt, "
-            "preprocessed as the model takes them, samples along axis 0.",
+            "preprocessed as the model takes them, samples along axis 0; or a folder of PNG/JPEG images.",
             show_default=False,
         ),
     ],
@@ -164,5 +164,6 @@ def quantize(
         render.int8(_stdout(), result.verdict, result)
     if not result.verdict.passed:
         if quiet or json_output:
-            print("wsfold: the int8 graph failed its verdict.", file=sys.stderr)
+            why = result.verdict.failures[0] if result.verdict.failures else "an output is under the thresholds"
+            print(f"wsfold: the int8 graph failed its verdict: {why}.", file=sys.stderr)
         raise typer.Exit(EXIT_VERIFY_FAILED)

@@ -189,7 +189,8 @@ def int8(console: Console, verdict, result=None) -> None:
         table.add_column(col, no_wrap=True)
     for o in verdict.outputs:
         agree = "-" if o.top1_agreement is None else f"{o.top1_agreement:.2%}"
-        table.add_row("[green]ok[/]" if o.passed else "[red]FAIL[/]", o.name, f"{o.sqnr_db:.1f}", agree)
+        sqnr = "-" if o.sqnr_db != o.sqnr_db else f"{o.sqnr_db:.1f}"  # NaN: nothing to measure on constant data
+        table.add_row("[green]ok[/]" if o.passed else "[red]FAIL[/]", o.name, sqnr, agree)
     console.print(table)
     console.print(
         f"weights: {verdict.weights['int8']} int8, {verdict.weights['float']} float; thresholds: SQNR >= "

@@ -268,7 +268,7 @@ def _constant_holdout(outputs: list[OutputVerdict], holdout: dict[str, Any]) -> 
     if outputs and all(math.isnan(o.sqnr_db) for o in outputs):
         return [
             f"the {holdout['samples']} held-out samples are all identical (constant data): a verdict on them proves "
-            "nothing; pass --holdout (or --inputs) with real samples"
+            "nothing (were the calibration samples constant too?); pass real held-out samples"
         ]
     return []
 
