@@ -296,7 +296,16 @@ def test_signal_mid_write_leaves_output_folder_as_it_was(tmp_path, command, sig)
         cmd = _wsfold_cmd("bake", src, "--arch", spec, "-o", out_dir / "big.baked.pt")
     else:
         cmd = _wsfold_cmd("export", src, "--arch", spec, "--onnx", out_dir / "big.onnx", "--input-shape", "1,3,8,8")
-    rc, err, sent = _interrupt_when_something_appears(cmd, out_dir, sig)
+    for _ in range(3):
+        rc, err, sent = _interrupt_when_something_appears(cmd, out_dir, sig)
+        # rc 0 with nothing said: the signal landed after the command had finished (the poll saw the folder too
+        # late on a loaded machine; seen once in CI), not mid-write. Clear the output and try again; a signal
+        # that wsfold really ignored mid-write would give rc 0 every time and still fail below.
+        if rc != 0 or err.strip():
+            break
+        for leftover in out_dir.iterdir():
+            if leftover.name != "unrelated.txt":
+                leftover.unlink()
     assert sent, f"the process ended (rc {rc}) before it could be interrupted; make the model bigger"
     assert rc in (130, 128 + sig, -sig), (rc, err)
     assert_clean(err)
