@@ -104,8 +104,13 @@ def _import_file(file: Path, spec: str):
     sys.path, so that the file's own sibling imports work but a sibling never shadows a package wsfold imports
     (a stray onnx.py beside the file); it is registered under its stem, so a pickled baked model finds its
     classes again, unless that name belongs to another module."""
-    if not file.is_file():
+    if not file.exists():
         raise ArchitectureError(f"--arch file {file} does not exist.", "check the path before ':'.")
+    if not file.is_file():
+        raise ArchitectureError(
+            f"--arch file {file} is not a regular file (a folder, a pipe or a device?).",
+            "pass the .py file that defines the architecture.",
+        )
     resolved = file.resolve()
     name = file.stem
     existing = sys.modules.get(name)

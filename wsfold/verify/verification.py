@@ -355,6 +355,12 @@ def verify_onnx(
     if refs.graph_dtype is not None:
         result.reference += f"; the graph computes in {str(refs.graph_dtype).removeprefix('torch.')}, so the "
         result.reference += "checkpoint's own error is measured at that precision"
+    lowered = [r for r in runs if torch.finfo(r.precision).eps > torch.finfo(refs.graph_dtype or computes_in).eps]
+    for run in lowered:
+        result.reference += (
+            f"; {run.runtime} computes in {precision_name(run.precision)}, so for it the checkpoint's own error is "
+            f"measured at {precision_name(run.precision)} (CPU autocast)"
+        )
     ort_check = next((r for r in result.runtimes if r.runtime == "onnxruntime"), None)
     ort_failed = ort_check is not None and not ort_check.passed
     del runs
