@@ -20,6 +20,8 @@ from .common import (
     InputName,
     InputShape,
     JsonOut,
+    MinAgreement,
+    MinSqnr,
     NoFold,
     Quiet,
     ShowProgress,
@@ -232,12 +234,8 @@ def verify(
             "is judged by the same rule, at the precision it really computes in.",
         ),
     ] = None,
-    min_sqnr: Annotated[
-        float, typer.Option("--min-sqnr", help="int8 graphs: least SQNR in dB of each output (see quantize).")
-    ] = 20.0,
-    min_agreement: Annotated[
-        float, typer.Option("--min-agreement", help="int8 graphs: least top-1 agreement (see quantize).")
-    ] = 0.97,
+    min_sqnr: MinSqnr = 20.0,
+    min_agreement: MinAgreement = 0.97,
     precision: Annotated[
         str | None,
         typer.Option(
@@ -262,7 +260,7 @@ def verify(
     from ..errors import OptionError
     from ..inputs import parse_range, parse_shape
     from ..io.paths import atomic_path, check_output
-    from ..quantize.verdict import is_qdq, verify_int8
+    from ..quantize.verdict import failure_line, is_qdq, verify_int8
     from ..verify.feeds import check_inputs_file
     from ..verify.runtimes import check_runtimes
     from ..verify.verification import check_onnx_file, verify_onnx
@@ -302,39 +300,24 @@ def verify(
             source, arch, arch_kwargs, state_key, allow_pickle, stages, keep_original=not int8, allow_nonfinite=True
         )
         if int8:
-            verdict = verify_int8(prepared, onnx_path, inputs, min_sqnr=min_sqnr, min_agreement=min_agreement)
-    if int8:
-        payload = {"source": str(source), "onnx": str(onnx_path), "notes": prepared.notes, **verdict.to_dict()}
-        if report is not None:
-            with atomic_path(report, force=force) as tmp:
-                tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        if json_output:
-            _emit_json(payload)
-        elif not quiet:
-            render.notes(_stdout(), prepared.notes)
-            render.int8(_stdout(), verdict)
-        if not verdict.passed:
-            if quiet or json_output:
-                print("wsfold: the int8 graph failed its verdict.", file=sys.stderr)
-            raise typer.Exit(EXIT_VERIFY_FAILED)
-        return
-    with _running(json_output, quiet, progress) as stages:
-        result = verify_onnx(
-            prepared,
-            onnx_path,
-            samples=samples,
-            seed=seed,
-            input_shapes=shapes,
-            inputs_file=inputs,
-            atol=atol,
-            rtol=rtol,
-            ort_opt_level=ort_opt_level,
-            per_layer=per_layer,
-            value_ranges=ranges,
-            runtimes=runtime,
-            precision=precision,
-            progress=stages.sequence(),
-        )
+            result = verify_int8(prepared, onnx_path, inputs, min_sqnr=min_sqnr, min_agreement=min_agreement)
+        else:
+            result = verify_onnx(
+                prepared,
+                onnx_path,
+                samples=samples,
+                seed=seed,
+                input_shapes=shapes,
+                inputs_file=inputs,
+                atol=atol,
+                rtol=rtol,
+                ort_opt_level=ort_opt_level,
+                per_layer=per_layer,
+                value_ranges=ranges,
+                runtimes=runtime,
+                precision=precision,
+                progress=stages.sequence(),
+            )
     payload = {"source": str(source), "onnx": str(onnx_path), "notes": prepared.notes, **result.to_dict()}
     if report is not None:
         with atomic_path(report, force=force) as tmp:
@@ -344,10 +327,12 @@ def verify(
     elif not quiet:
         console = _stdout()
         render.notes(console, prepared.notes)
-        render.verification(console, result)
+        (render.int8 if int8 else render.verification)(console, result)
     if not result.passed:
         if quiet or json_output:
-            print(f"wsfold: verification failed: {result.cause}.", file=sys.stderr)
+            print(
+                f"wsfold: {failure_line(result) if int8 else f'verification failed: {result.cause}'}.", file=sys.stderr
+            )
         raise typer.Exit(EXIT_VERIFY_FAILED)
 
 

@@ -186,3 +186,12 @@ ExportDtype = Annotated[
         "once). Default: the checkpoint's dtype.",
     ),
 ]
+
+# The int8 verdict's thresholds, in quantize and in verify of an int8 graph (defaults: quantize.verdict).
+MinSqnr = Annotated[
+    float, typer.Option("--min-sqnr", help="int8: least SQNR in dB of each output against the checkpoint's.")
+]
+MinAgreement = Annotated[
+    float,
+    typer.Option("--min-agreement", help="int8: least share of samples whose top-1 class agrees ([N, C] outputs)."),
+]

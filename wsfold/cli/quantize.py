@@ -18,6 +18,8 @@ from .common import (
     InputName,
     InputShape,
     JsonOut,
+    MinAgreement,
+    MinSqnr,
     NoFold,
     Quiet,
     ShowProgress,
@@ -63,12 +65,8 @@ def quantize(
             "intermediate activation of every sample until the end).",
         ),
     ] = "minmax",
-    min_sqnr: Annotated[
-        float, typer.Option("--min-sqnr", help="Least SQNR in dB of each output against the checkpoint's.")
-    ] = 20.0,
-    min_agreement: Annotated[
-        float, typer.Option("--min-agreement", help="Least share of samples whose top-1 class agrees ([N, C] outputs).")
-    ] = 0.97,
+    min_sqnr: MinSqnr = 20.0,
+    min_agreement: MinAgreement = 0.97,
     exclude: Annotated[
         list[str] | None, typer.Option("--exclude", help="Keep this conv/linear layer in float (repeat).")
     ] = None,
@@ -115,7 +113,7 @@ def quantize(
     from ..io.paths import check_output
     from ..quantize.images import explicit_preprocess
     from ..quantize.int8 import quantize_onnx
-    from ..quantize.verdict import _check_thresholds
+    from ..quantize.verdict import _check_thresholds, failure_line
 
     _check_thresholds(min_sqnr, min_agreement, calibrate_method)
     preprocess = explicit_preprocess(image_size, mean, std)
@@ -164,6 +162,5 @@ def quantize(
         render.int8(_stdout(), result.verdict, result)
     if not result.verdict.passed:
         if quiet or json_output:
-            why = result.verdict.failures[0] if result.verdict.failures else "an output is under the thresholds"
-            print(f"wsfold: the int8 graph failed its verdict: {why}.", file=sys.stderr)
+            print(f"wsfold: {failure_line(result.verdict)}.", file=sys.stderr)
         raise typer.Exit(EXIT_VERIFY_FAILED)

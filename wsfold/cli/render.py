@@ -71,15 +71,8 @@ def verification(console: Console, result) -> None:
         where = ""
         if run is not None and (len(runs) > 1 or run.runtime != "onnxruntime" or run.precision != "f32"):
             where = f"{run.runtime} {run.version}, {run.precision}: "
-        table = Table(
-            title=f"{where}ONNX vs checkpoint",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-            collapse_padding=True,
-        )
-        for col in ("", "output", "shape", "max", "rel", "mean", "onnx-f64", "orig-f64", "limit"):
-            table.add_column(col, no_wrap=True)
+        columns = ("", "output", "shape", "max", "rel", "mean", "onnx-f64", "orig-f64", "limit")
+        table = _figures_table(f"{where}ONNX vs checkpoint", columns)
         for o in outputs:
             figures = (o.max_abs_error, o.max_rel_error, o.mean_abs_error, o.onnx_vs_float64, o.reference_vs_float64)
             table.add_row(
@@ -178,15 +171,8 @@ def _distinct(items: list) -> list:
 
 def int8(console: Console, verdict, result=None) -> None:
     """An int8 graph's verdict: per output SQNR and top-1 agreement, its structure, what stays in float."""
-    table = Table(
-        title=f"int8 vs checkpoint on {verdict.holdout['samples']} held-out sample(s)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    for col in ("", "output", "SQNR dB", "top-1 agreement"):
-        table.add_column(col, no_wrap=True)
+    title = f"int8 vs checkpoint on {verdict.holdout['samples']} held-out sample(s)"
+    table = _figures_table(title, ("", "output", "SQNR dB", "top-1 agreement"))
     for o in verdict.outputs:
         agree = "-" if o.top1_agreement is None else f"{o.top1_agreement:.2%}"
         sqnr = "-" if o.sqnr_db != o.sqnr_db else f"{o.sqnr_db:.1f}"  # NaN: nothing to measure on constant data
@@ -221,3 +207,11 @@ def int8(console: Console, verdict, result=None) -> None:
         console.print("[green]int8 verdict passed[/]")
     else:
         console.print("[red]int8 verdict failed[/]")
+
+
+def _figures_table(title: str, columns: tuple[str, ...]) -> Table:
+    """A compact table of per-output figures (a verdict's), its columns never wrapped."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in columns:
+        table.add_column(col, no_wrap=True)
+    return table

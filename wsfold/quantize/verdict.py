@@ -264,6 +264,12 @@ def worst_layers(
     return [{"layer": names[producers[name]], "sqnr_db": round(float(err), 2)} for err, name in ranked[:top]]
 
 
+def failure_line(verdict: Int8Verdict) -> str:
+    """Why an int8 verdict failed, in one line."""
+    why = verdict.failures[0] if verdict.failures else "an output is under the thresholds"
+    return f"the int8 graph failed its verdict: {why}"
+
+
 def _constant_holdout(outputs: list[OutputVerdict], holdout: dict[str, Any]) -> list[str]:
     if outputs and all(math.isnan(o.sqnr_db) for o in outputs):
         return [
