@@ -1,7 +1,15 @@
-"""wsfold export against torch.onnx.export of the unbaked model (both exporters), and against onnxsim and onnxslim
-applied to those exports (installed with pip install -e '.[bench]'). Builds a ResNetV2-50 GN+WS network in-process; not part of the tests.
+"""wsfold export against what a user would otherwise run: torch.onnx.export of the unbaked model (both exporters),
+and onnxsim and onnxslim applied to those exports (pip install -e '.[bench]'). Models are built in-process with
+random init (no downloads); not part of the tests.
 
-    .venv/bin/python benchmarks/export_bench.py [--json build/export_bench.json]
+    .venv/bin/python benchmarks/export_bench.py [--models resnetv2_50,vit_hybrid,nfnet_f0,diffusion_unet]
+                                                [--skip-variants] [--json build/export_bench.json]
+
+Two tables:
+- variants (ResNetV2-50 BiT): export time, session creation, latency, size, nodes and error of every way to export;
+- models (each of --models, both exporters): nodes of wsfold's graph and of the unbaked export simplified by each
+  tool, and wsfold's session creation and batch-1 latency as ratios against the better simplifier (the one with
+  fewer nodes; below 1: wsfold's is smaller or faster). Medians of interleaved runs, in one process, dynamic batch.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "fixtures"))
 from resnetv2 import resnetv2_50  # noqa: E402
 
 torch.set_num_threads(2)
@@ -31,9 +41,12 @@ from wsfold.bake.baker import bake_model  # noqa: E402
 from wsfold.onnx.export import export_onnx  # noqa: E402
 
 
-def measure_all(paths: dict[str, Path], x: np.ndarray, rounds: int = 3, runs: int = 30) -> dict[str, dict]:
+def measure_all(
+    paths: dict[str, Path], x: np.ndarray | dict[str, np.ndarray], rounds: int = 3, runs: int = 30
+) -> dict[str, dict]:
     """Session creation and latency for every graph, interleaved round by round so that machine noise and
-    ordering effects hit every variant alike."""
+    ordering effects hit every variant alike. ``x``: the one input, or values by input position name
+    (input_0, input_1, ...) for graphs of several inputs."""
     created: dict[str, list[float]] = {k: [] for k in paths}
     sessions = {}
     for _ in range(rounds):
@@ -41,15 +54,16 @@ def measure_all(paths: dict[str, Path], x: np.ndarray, rounds: int = 3, runs: in
             t = time.perf_counter()
             sessions[key] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             created[key].append(time.perf_counter() - t)
-    name = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+    values = list(x.values()) if isinstance(x, dict) else [x]
+    feeds = {k: {i.name: v for i, v in zip(s.get_inputs(), values)} for k, s in sessions.items()}
     for key, sess in sessions.items():
         for _ in range(3):
-            sess.run(None, {name[key]: x})
+            sess.run(None, feeds[key])
     latency: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(runs):
         for key, sess in sessions.items():
             t = time.perf_counter()
-            sess.run(None, {name[key]: x})
+            sess.run(None, feeds[key])
             latency[key].append(time.perf_counter() - t)
     rows = {}
     for key, path in paths.items():
@@ -61,7 +75,7 @@ def measure_all(paths: dict[str, Path], x: np.ndarray, rounds: int = 3, runs: in
             "size_mb": size / 1e6,
             "nodes": len(model.graph.node),
             "reduce_mean": sum(n.op_type == "ReduceMean" for n in model.graph.node),
-            "output": sessions[key].run(None, {name[key]: x})[0],
+            "output": sessions[key].run(None, feeds[key])[0],
         }
     return rows
 
@@ -105,10 +119,116 @@ def torch_export(model, x, path: Path, dynamo: bool) -> float:
     return time.perf_counter() - t
 
 
+MODELS = ("resnetv2_50", "vit_hybrid", "nfnet_f0", "diffusion_unet")
+
+
+def build(name: str) -> tuple[torch.nn.Module, list[tuple[int, ...]], list[str | None]]:
+    """The model, its input shapes (batch 1) and input dtypes (None: float32)."""
+    torch.manual_seed(0)
+    if name == "resnetv2_50":
+        return resnetv2_50().eval(), [(1, 3, 224, 224)], [None]
+    if name == "vit_hybrid":
+        from vit_hybrid import ViTHybrid
+
+        return ViTHybrid(dim=384, depth=6, heads=6).eval(), [(1, 3, 224, 224)], [None]
+    if name == "nfnet_f0":
+        from nfnet import nfnet_f0
+
+        return nfnet_f0().eval(), [(1, 3, 192, 192)], [None]
+    if name == "diffusion_unet":
+        import models
+
+        return models.diffusion_unet().eval(), [(1, 3, 32, 32), (1,)], [None, "int64"]
+    raise SystemExit(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
+
+
+def direct_export(model, shapes, dtypes, path: Path, exporter: str) -> float:
+    """torch.onnx.export of the unbaked model at batch 2 with a dynamic batch, as a user would call it."""
+    args = tuple(
+        torch.randint(0, 1000, (2, *s[1:])) if d == "int64" else torch.randn(2, *s[1:]) for s, d in zip(shapes, dtypes)
+    )
+    if len(args) == 1:
+        return torch_export(model, args[0], path, dynamo=exporter == "dynamo")
+    names = [f"input_{i}" for i in range(len(args))]
+    t = time.perf_counter()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        kwargs = {"dynamo": exporter == "dynamo", "opset_version": 18, "input_names": names}
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch")
+            kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
+        else:
+            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names}
+        torch.onnx.export(model, args, str(path), **kwargs)
+    return time.perf_counter() - t
+
+
+def sample_inputs(shapes, dtypes) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        f"input_{i}": rng.integers(0, 1000, s) if d == "int64" else rng.standard_normal(s).astype(np.float32)
+        for i, (s, d) in enumerate(zip(shapes, dtypes))
+    }
+
+
+def compare_models(names: list[str], rounds: int = 5, runs: int = 30) -> dict[str, dict]:
+    """The models table: per model and exporter, wsfold's graph against the unbaked export simplified by each
+    tool."""
+    results = {}
+    print(f"\n{'model':16} {'exporter':12} {'nodes: wsfold / onnxsim / onnxslim':36} {'session':>8} {'latency':>8}")
+    for name in names:
+        model, shapes, dtypes = build(name)
+        for exporter in ("dynamo", "torchscript"):
+            with tempfile.TemporaryDirectory() as tmp:
+                tmp = Path(tmp)
+                raw = tmp / "raw.onnx"
+                direct_export(model, shapes, dtypes, raw, exporter)
+                paths = {}
+                for tool in ("onnxsim", "onnxslim"):
+                    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                        warnings.simplefilter("ignore")
+                        paths[tool] = tmp / f"{tool}.onnx"
+                        onnx.save(_simplifier(tool)(onnx.load(str(raw))), str(paths[tool]))
+                baked, report = bake_model(model)
+                paths["wsfold"] = tmp / "wsfold.onnx"
+                export_onnx(baked, paths["wsfold"], input_shapes=shapes, input_dtypes=dtypes, exporter=exporter)
+                rows = measure_all(paths, sample_inputs(shapes, dtypes), rounds=rounds, runs=runs)
+            outputs = {k: r.pop("output") for k, r in rows.items()}
+            for key, row in rows.items():
+                row["max_abs_diff_vs_onnxsim"] = float(np.abs(outputs[key] - outputs["onnxsim"]).max())
+            best = min(("onnxsim", "onnxslim"), key=lambda t: (rows[t]["nodes"], rows[t]["session_s"]))
+            w = rows["wsfold"]
+            ratio = {k: w[k] / rows[best][k] for k in ("nodes", "session_s", "latency_ms")}
+            results[f"{name}/{exporter}"] = {"rows": rows, "best_simplifier": best, "ratio_vs_best": ratio}
+            counts = f"{w['nodes']} / {rows['onnxsim']['nodes']} / {rows['onnxslim']['nodes']}"
+            print(
+                f"{name:16} {exporter:12} {counts:36} {ratio['session_s']:8.2f} {ratio['latency_ms']:8.2f}"
+                f"   (ratios vs {best})",
+                flush=True,
+            )
+    return results
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help="the models table's models, comma-separated")
+    parser.add_argument("--skip-variants", action="store_true", help="leave out the ResNetV2-50 variants table")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    names = [n for n in args.models.split(",") if n]
+    for name in names:
+        if name not in MODELS:
+            build(name)  # says which names there are, before anything runs
+    torch.set_num_threads(2)
+    variants = {} if args.skip_variants else export_variants()
+    models = compare_models(names)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**variants, "models": models}, indent=2, default=float))
+
+
+def export_variants() -> dict[str, dict]:
+    """The variants table (ResNetV2-50): every way to export, with its figures and wsfold's ratios."""
     torch.manual_seed(0)
     torch.set_num_threads(2)
     model = resnetv2_50().eval()
@@ -203,9 +323,7 @@ def main() -> None:
     print("\nratios (wsfold's default, bake + dynamo export, against each alternative; all timed warm)")
     for k, v in ratios.items():
         print(f"  {k:40} {v:6.3f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2))
+    return {"rows": rows, "ratios": ratios}
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -53,3 +54,94 @@ def test_shapes_that_depend_on_the_spatial_size_stay_with_dynamic_hw(tmp_path):
     assert ops(path)["Shape"] >= 1
     result = verify_onnx(model, path, samples=2)
     assert result and any(shape[0][2] != 8 for shape in result.batch_input_shapes)
+
+
+class ShapeHeavy(nn.Module):
+    """What the TorchScript exporter writes as shape arithmetic: a TF-SAME pad computed from the input's size, a
+    head size and an attention scale read off a shape, a class token expanded to the batch, a time embedding
+    unsqueezed twice, an upsample concatenated with its skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2)
+        self.mid = nn.Conv2d(16, 16, 3, padding=1)
+        self.out = nn.Conv2d(32, 16, 1)
+        self.time = nn.Linear(4, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.heads = 2
+
+    def forward(self, x, t):
+        ih, iw = x.shape[-2:]
+        ph, pw = max((-(-ih // 2) - 1) * 2 + 3 - ih, 0), max((-(-iw // 2) - 1) * 2 + 3 - iw, 0)
+        x = self.stem(nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]))
+        x = x + self.time(t)[:, :, None, None]
+        skip = x
+        x = nn.functional.interpolate(nn.functional.avg_pool2d(self.mid(x), 2), scale_factor=2.0)
+        x = self.out(torch.cat([x, skip], dim=1))
+        b, c, h, w = x.shape
+        tokens = torch.cat([self.cls.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+        n = tokens.shape[1]
+        q, k, v = self.qkv(tokens).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) / (q.shape[-1] ** 0.5)
+        return (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+
+
+def test_batch_independent_shape_arithmetic_becomes_constants_with_either_exporter(tmp_path):
+    torch.manual_seed(0)
+    model = ShapeHeavy().eval()
+    for exporter in ("torchscript", "dynamo"):
+        path = tmp_path / f"{exporter}.onnx"
+        export_onnx(model, path, input_shapes=[(1, 3, 15, 15), (1, 4)], exporter=exporter)
+        counts = ops(path)
+        # What is left reads the batch alone: the class token's expand.
+        assert counts["Shape"] <= 1 and counts["Pad"] == 0 and counts["Sqrt"] == 0, (exporter, counts)
+        assert counts["Unsqueeze"] <= 2 and counts["Cast"] == 0, (exporter, counts)
+        result = verify_onnx(model, path, samples=2)
+        assert result, (exporter, result.summary() if hasattr(result, "summary") else result)
+        assert any(shape[0][0] != 1 for shape in result.batch_input_shapes)  # a batch other than 1 was run
+
+
+def test_a_zero_pad_before_a_maxpool_is_not_fused_and_keeps_its_guard(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ZeroPad2d(1), nn.MaxPool2d(3, 2)).eval()
+    path = tmp_path / "pool.onnx"
+    export_onnx(model, path, input_shapes=[(1, 3, 9, 9)])
+    graph = onnx.load(str(path)).graph
+    assert ops(path)["Pad"] == 1
+    assert any(t.name.endswith("_neg_zero") for t in graph.initializer)
+    assert verify_onnx(model, path, samples=2)
+
+
+def _unsqueeze_chain(first: list[int], second: list[int], rank: int) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "a"], ["y"]),
+        helper.make_node("Unsqueeze", ["y", "b"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(range(2, 2 + rank)))],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(np.array(first, dtype=np.int64), "a"),
+            numpy_helper.from_array(np.array(second, dtype=np.int64), "b"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_two_unsqueezes_merge_into_one_that_gives_the_same_tensor():
+    from onnx.reference import ReferenceEvaluator
+
+    from wsfold.onnx.simplify import merge_unsqueezes
+
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    for first, second in (([2], [3]), ([0], [0]), ([1, 3], [0]), ([0], [2, 4]), ([2], [1]), ([1, 2], [1, 3])):
+        proto = _unsqueeze_chain(first, second, 2)
+        expected = ReferenceEvaluator(proto).run(None, {"x": x})[0]
+        assert merge_unsqueezes(proto) == 1 and len(proto.graph.node) == 1
+        got = ReferenceEvaluator(proto).run(None, {"x": x})[0]
+        assert got.shape == expected.shape and np.array_equal(got, expected), (first, second)
+    assert merge_unsqueezes(_unsqueeze_chain([-1], [0], 2)) == 0  # negative axes: left alone

@@ -97,16 +97,34 @@ def rewrite_and_audit(proto: onnx.ModelProto, *, fold: bool, base_dir: Path | No
         fold_constants,
         guard_pad_maxpool,
     )
-    from .simplify import drop_identity_arithmetic, fold_static_shapes
+    from .simplify import (
+        drop_identity_arithmetic,
+        drop_no_ops,
+        fold_known_shapes,
+        fold_static_shapes,
+        fuse_pad_into_conv,
+        merge_unsqueezes,
+    )
 
     if fold:
         proto = fold_constants(proto)
     # Whatever computes on constants alone is evaluated here, one node at a time (with either exporter, folded
     # by onnxscript or not): the written graph computes nothing that could have been a constant.
     fold_constant_nodes(proto, base_dir)
-    # Exact simplifications a simplifier would make: identity arithmetic, batch-independent shapes.
-    fold_static_shapes(proto)  # first: shape inference sees through a constant Reshape target, not Shape(y)
+    # Exact simplifications a simplifier would make: batch-independent shapes, identity arithmetic. A round's
+    # constant Reshape targets let shape inference see further in the next, hence the rounds.
+    for _ in range(4):
+        changed = fold_known_shapes(proto)
+        if changed:
+            fold_constant_nodes(proto, base_dir)  # what computed on those shapes alone (a head size's Cast, Sqrt)
+        # before the arithmetic: shape inference sees through a constant Reshape target, not through Shape(y)
+        changed += fold_static_shapes(proto)
+        if not changed:
+            break
     drop_identity_arithmetic(proto, base_dir)
+    merge_unsqueezes(proto)
+    drop_no_ops(proto)
+    fuse_pad_into_conv(proto, base_dir)
     strip_trace_metadata(proto)
     deduped = dedupe_initializers(proto, base_dir)
     guards = guard_pad_maxpool(proto, base_dir)
