@@ -1,6 +1,6 @@
 """Peak memory of `wsfold export` and `wsfold verify` against the checkpoint size (not part of the test suite):
 
-    .venv/bin/python benchmarks/memory_bench.py [--out build/membench] [--sizes base,large]
+    .venv/bin/python benchmarks/memory_bench.py [--out build/membench] [--sizes base,large] [--formats safetensors,pt]
 
 Builds ViT hybrids with a GN+WS ResNetV2 backbone in-process (benchmarks/vit_hybrid.py): `base` has the shape of
 timm's vit_base_r50_s16_224 (98.7 M parameters, a 0.39 GB float32 checkpoint), `large` is twice as deep and
@@ -8,7 +8,8 @@ wider (dim 1024, 24 blocks: 1.3 GB). Each command runs in its own process and re
 the import floor (python -c "import torch, onnx, onnxruntime, wsfold.cli.app") is measured the same way, so the
 slope between the two sizes says how memory grows with the checkpoint. With OpenVINO installed, verify also runs
 with --runtime openvino and with both runtimes: each runtime's session is released before the next loads, so two
-runtimes should peak within 10% of one.
+runtimes should peak within 10% of one. The `base` model is also exported from a .pt state dict (torch.save), and
+a convolution-heavy ResNetV2-50x2 (0.39 GB, benchmarks/resnetv2.py) is exported and verified: `r50x2` rows.
 """
 
 from __future__ import annotations
@@ -38,13 +39,19 @@ def measured(*argv: str) -> dict:
 
 
 def build(size: str, path: Path) -> int:
+    """The checkpoint of model ``size`` (a ViT hybrid size, or r50x2) at ``path``: .safetensors or .pt."""
     if not path.exists():
-        code = (
-            f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); import vit_hybrid; torch.manual_seed(0); "
-            f"m = vit_hybrid.ViTHybrid(**{SIZES[size]!r}); "
-            "from safetensors.torch import save_file; "
-            f"save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, {str(path)!r})"
+        make = (
+            "import resnetv2; m = resnetv2.resnetv2_50(width=2)"
+            if size == "r50x2"
+            else f"import vit_hybrid; m = vit_hybrid.ViTHybrid(**{SIZES[size]!r})"
         )
+        save = (
+            "torch.save(m.state_dict(), p)"
+            if path.suffix == ".pt"
+            else "from safetensors.torch import save_file; save_file({k: v.contiguous() for k, v in m.state_dict().items()}, p)"
+        )
+        code = f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); torch.manual_seed(0); {make}; p = {str(path)!r}; {save}"
         subprocess.run([sys.executable, "-c", code], check=True)
     return path.stat().st_size
 
@@ -54,6 +61,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "membench")
     parser.add_argument("--sizes", default="base,large")
     parser.add_argument("--exporters", default="dynamo,torchscript")
+    parser.add_argument("--formats", default="safetensors,pt", help="the base model's source formats")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     floor_script = args.out / "floor.py"
@@ -76,7 +84,22 @@ def main() -> None:
             verify = ["-m", "wsfold", "verify", *common, "--onnx", str(onnx_path), "-q"]
             row["verify_openvino"] = measured(*verify, "--runtime", "openvino")
             row["verify_ort+openvino"] = measured(*verify, "--runtime", "onnxruntime", "--runtime", "openvino")
+        if size == "base" and "pt" in args.formats.split(","):
+            pt = args.out / "vit_base.pt"
+            build(size, pt)
+            argv = ["-m", "wsfold", "export", str(pt), "--arch", f"{HERE / 'vit_hybrid.py'}:ViTHybrid"]
+            out = args.out / "vit_base_pt.onnx"
+            row["export_dynamo_from_pt"] = measured(*argv, "--onnx", str(out), "--force", "-q")
         results["models"][size] = row
+    # Convolution-heavy: verify's per-layer check and onnxruntime's session weigh most here.
+    ckpt = args.out / "r50x2.safetensors"
+    nbytes = build("r50x2", ckpt)
+    common = [str(ckpt), "--arch", f"{HERE / 'resnetv2.py'}:resnetv2_50", "--arch-kwargs", '{"width": 2}']
+    onnx_path = args.out / "r50x2.onnx"
+    row = {"checkpoint_bytes": nbytes}
+    row["export_dynamo"] = measured("-m", "wsfold", "export", *common, "--onnx", str(onnx_path), "--force", "-q")
+    row["verify"] = measured("-m", "wsfold", "verify", *common, "--onnx", str(onnx_path), "-q")
+    results["models"]["r50x2"] = row
     print(f"import floor: {floor['peak_rss_bytes'] / 1e9:.2f} GB")
     print(f"{'model':8} {'ckpt GB':>8} {'step':20} {'s':>7} {'peak GB':>8} {'peak/ckpt':>9} {'exit':>4}")
     for size, row in results["models"].items():
@@ -92,11 +115,11 @@ def main() -> None:
             one = max(row["verify"]["peak_rss_bytes"], row["verify_openvino"]["peak_rss_bytes"])
             both = row["verify_ort+openvino"]["peak_rss_bytes"]
             print(f"{size}: verify with two runtimes peaks at {both / one:.3f}x the larger of one runtime alone")
-    sizes = list(results["models"])
+    sizes = [s for s in results["models"] if s in SIZES]
     if len(sizes) >= 2:
         a, b = results["models"][sizes[0]], results["models"][sizes[-1]]
         growth = b["checkpoint_bytes"] - a["checkpoint_bytes"]
-        for key in a:
+        for key in (k for k in a if k in b):
             if key != "checkpoint_bytes":
                 slope = (b[key]["peak_rss_bytes"] - a[key]["peak_rss_bytes"]) / growth
                 results.setdefault("slopes", {})[key] = slope

@@ -118,7 +118,10 @@ def test_a_graph_only_the_runtime_optimizer_breaks_is_blamed_on_it(exported, mon
         made = real(path, level)
         return made if level == "disable" else Optimized(made)
 
+    import wsfold.verify.runtimes.ort
+
     monkeypatch.setattr(wsfold.verify.verification, "ort_session", session)
+    monkeypatch.setattr(wsfold.verify.runtimes.ort, "ort_session", session)  # the session the graph runs on
     result = verify("bit_tiny", exported["bit_tiny"], "--json")
     assert result.exit_code == 1
     payload = json.loads(result.stdout)

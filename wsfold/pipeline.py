@@ -26,7 +26,9 @@ Progress = Callable[[str, int, int], None]
 class Prepared:
     """What :func:`prepare` returns: the baked (and folded) model, the model as loaded, and what was done."""
 
-    model: nn.Module  # every derived-weight layer baked; normalizers folded unless fold=False
+    # every derived-weight layer baked; normalizers folded unless fold=False. None once a caller let it go (the
+    # CLI's verify: a graph's session needs the memory more, and the per-layer check bakes again when it runs).
+    model: nn.Module | None
     original: nn.Module | None  # as loaded (unchanged); None when prepare was asked not to keep it
     bake: BakeReport
     fold: FoldReport

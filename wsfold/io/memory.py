@@ -164,6 +164,38 @@ def released_after_call(*models: torch.nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def released_while_running(model: torch.nn.Module, interval: float = 0.2) -> Iterator[None]:
+    """While the block lasts, the file-backed tensors of ``model`` are handed back every ``interval`` seconds, and
+    once more at the end: for a library that reads every weight once (the dynamo exporter writing them out) and
+    would otherwise leave the whole file resident. Only for a block that writes none of them: a page something
+    wrote to is reclaimed with MADV_PAGEOUT, its content kept, but a write racing the check could be lost."""
+    mappings = file_mappings() if sys.platform.startswith("linux") else []
+    unique = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.device.type == "cpu"}
+    found = _file_pages(list(unique.values()), mappings)
+    if not found:
+        yield
+        return
+    import threading
+
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(interval):
+            for pages in found:
+                pages.release()
+
+    worker = threading.Thread(target=loop, name="wsfold-release-pages", daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        worker.join()
+        for pages in found:
+            pages.release()
+
+
 def trim_heap() -> None:
     """Give the C heap's free memory back to the system (glibc's malloc_trim): what a library freed in many
     pieces, such as an onnxruntime session's buffers, otherwise stays resident for the rest of the process."""

@@ -7,6 +7,7 @@ save (onnx.checker, then rename into place).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from torch import nn
 from .. import __version__
 from ..bake.modeltree import model_dtype, require_module
 from ..errors import ExportError, OptionError, OutputError, first_line
+from ..io.memory import released_while_running
 from ..io.paths import check_output, temp_folder
 
 if TYPE_CHECKING:
@@ -384,7 +386,10 @@ def export_onnx(
         raw_path = work / "exported.onnx"
         if progress:
             progress(f"torch.onnx.export ({exporter})")
-        with _quiet_exporter(notes), _exporter_errors(exporter):
+        # The dynamo exporter traces with fake tensors and then reads each weight once, to write it: a checkpoint
+        # loaded with mmap is handed back as it goes rather than left resident whole (it writes none of them).
+        pages = released_while_running(traced.model) if exporter == "dynamo" else contextlib.nullcontext()
+        with _quiet_exporter(notes), _exporter_errors(exporter), pages:
             _raw_export(
                 traced.model,
                 traced.args,

@@ -202,6 +202,8 @@ def fold_known_shapes(proto: onnx.ModelProto) -> int:
     on the batch or another dynamic size, becomes a constant, and what computed it goes. Returns how many tensors
     became constants."""
     graph = proto.graph
+    if not any(node.op_type in ("Shape", "Size") for node in graph.node):
+        return 0  # nothing reads a shape: what is computed from constants alone was folded already
     engine = _symbolic(proto)
     if engine is None:
         return 0

@@ -21,6 +21,7 @@ from ..inputs import (
     per_input,
     random_tensor,
 )
+from ..io.memory import released_after_call
 
 
 def declared_input_shape(model: nn.Module) -> tuple[int, ...] | None:
@@ -203,7 +204,9 @@ def trace_inputs(
             f"example inputs of shape {', '.join(map(str, input_shapes))} cannot be made ({first_line(exc)}).",
             "use a smaller --input-shape.",
         ) from None
-    with torch.no_grad():
+    # A checkpoint loaded with mmap: each layer's pages are handed back once it has run, so the run does not leave
+    # the whole file resident (the exporter reads it again, as it writes the weights).
+    with torch.no_grad(), released_after_call(private):
         try:
             if not dynamic_hw:
                 private = freeze_same_pads(private, args)
@@ -241,7 +244,7 @@ def _require_another_size(model: nn.Module, args, kinds, ranges, gen: torch.Gene
             for a, s, kind, rng in zip(args, spatial, kinds, ranges)
         )
         try:
-            with torch.no_grad():
+            with torch.no_grad(), released_after_call(model):
                 model(*grown)
         except Exception:  # noqa: BLE001 - the model refuses that size: try the next
             continue

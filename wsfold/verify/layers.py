@@ -22,6 +22,7 @@ from torch import nn
 
 from ..bake.modeltree import eval_mode
 from ..errors import VerifyInputError, first_line
+from ..io.memory import trim_heap
 
 if TYPE_CHECKING:
     from ..bake.findings import Detection
@@ -255,7 +256,7 @@ def _baked_candidates(
     wanted = {"1": [True], "0": [False]}.get(fold_state or "", [True, False])
     baked = None
     for folded in wanted:
-        if prepared is not None and prepared.folded == folded:
+        if prepared is not None and prepared.folded == folded and prepared.model is not None:
             yield prepared.model
             continue
         if baked is None:
@@ -294,6 +295,7 @@ def compare_layers(
     constants = GraphConstants(proto, onnx_path)
     ops = _OpTable(graph_layers(proto), constants)
     del proto
+    trim_heap()  # every weight was read once for its fingerprint: the heap it passed through goes back
     best: LayerReport | None = None
     for baked in _baked_candidates(model, detection, meta.get("wsfold_fold"), prepared):
         called = _called_layers(baked, sample) if sample is not None else None
