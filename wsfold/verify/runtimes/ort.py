@@ -22,6 +22,8 @@ ORT_LEVELS = {
 def ort_session(path: Path, level: str = "all"):
     import onnxruntime as ort
 
+    from google.protobuf.message import DecodeError
+
     from ...onnx.store import load_without_weights
 
     opts = ort.SessionOptions()
@@ -33,7 +35,7 @@ def ort_session(path: Path, level: str = "all"):
         # without the whole file read into memory and parsed with its weights (a session peaked at 2.6x the
         # file's size that way, 1.9x this way).
         structure = load_without_weights(Path(path)).SerializeToString()
-    except (OSError, ValueError):
+    except (OSError, ValueError, DecodeError):
         structure = None  # not a protobuf this reader follows: onnxruntime reads the file itself and says why
     try:
         if structure is None:
