@@ -1426,6 +1426,24 @@ def test_verify_follows_a_data_file_that_is_a_link(tmp_path):
     assert res.exit_code == 0, res.stderr
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_verify_reads_a_graph_through_a_link_of_another_name_in_another_folder(tmp_path, external):
+    """onnxruntime reads the weights where they lie in the real file, not beside the link (seen: exit 2 on a valid
+    graph), and a graph with a data file of its own finds it beside the link as given, as onnx.load does."""
+    src, spec, _ = small_model(tmp_path)
+    real = tmp_path / "real" / "model.onnx"
+    real.parent.mkdir()
+    args = ["--external-data"] if external else []
+    assert run("export", src, "--arch", spec, "--onnx", real, *args, "-q").exit_code == 0
+    link = tmp_path / "elsewhere" / "link.onnx"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    if external:
+        (link.parent / "model.onnx.data").symlink_to(real.parent / "model.onnx.data")
+    res = run("verify", src, "--arch", spec, "--onnx", link, "-q")
+    assert res.exit_code == 0, res.stderr
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".pt2"])
 def test_a_full_disk_is_the_systems_refusal_exit_2_with_nothing_left(tmp_path, monkeypatch, suffix):
     """Too little space for the baked model is said before writing (torch's .pt2 writer would abort the process
