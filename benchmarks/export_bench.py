@@ -171,7 +171,7 @@ def sample_inputs(shapes, dtypes) -> dict[str, np.ndarray]:
     }
 
 
-def compare_models(names: list[str], rounds: int = 5, runs: int = 30) -> dict[str, dict]:
+def compare_models(names: list[str], rounds: int = 9, runs: int = 30) -> dict[str, dict]:
     """The models table: per model and exporter, wsfold's graph against the unbaked export simplified by each
     tool."""
     results = {}

@@ -145,3 +145,55 @@ def test_two_unsqueezes_merge_into_one_that_gives_the_same_tensor():
         got = ReferenceEvaluator(proto).run(None, {"x": x})[0]
         assert got.shape == expected.shape and np.array_equal(got, expected), (first, second)
     assert merge_unsqueezes(_unsqueeze_chain([-1], [0], 2)) == 0  # negative axes: left alone
+
+
+def test_a_value_a_subgraph_reads_is_neither_merged_away_nor_dropped():
+    """An If body that reads the outer graph's values by name: the passes see it read, though no main-graph node
+    lists it."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from wsfold.onnx.simplify import drop_dead_nodes, merge_unsqueezes
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["y"], ["then_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["else_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "a"], ["y"]),  # read by the outer Unsqueeze and by the If's body
+        helper.make_node("Unsqueeze", ["y", "b"], ["z"]),
+        helper.make_node("Unsqueeze", ["x", "b"], ["w"]),  # read by the else body alone
+        helper.make_node("If", ["c"], ["branch"], then_branch=body, else_branch=other),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "outer",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("branch", TensorProto.FLOAT, None),
+        ],
+        [
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "a"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "b"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    expected = [ReferenceEvaluator(proto).run(None, {"x": x, "c": np.array(c)}) for c in (True, False)]
+    assert merge_unsqueezes(proto) == 0
+    assert drop_dead_nodes(proto) == 0 and len(proto.graph.node) == 4
+    for c, want in zip((True, False), expected):
+        got = ReferenceEvaluator(proto).run(None, {"x": x, "c": np.array(c)})
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))

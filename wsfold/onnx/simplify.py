@@ -51,7 +51,7 @@ def drop_identity_arithmetic(proto: onnx.ModelProto, base_dir: Path | None = Non
     its initial values, left by every random-init or freshly converted model). Returns how many went."""
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
+    outputs = _protected(graph)
     shapes = None
     removed = []
     for node in graph.node:
@@ -121,12 +121,31 @@ def fold_static_shapes(proto: onnx.ModelProto) -> int:
     return folded
 
 
+def _subgraph_reads(nodes) -> set[str]:
+    """Every name read inside the subgraphs (If, Loop, Scan bodies) of ``nodes``, at any depth: a value of the
+    main graph that a body reads from the outer scope is read, though no main-graph node lists it."""
+    reads: set[str] = set()
+    for node in nodes:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies:
+                reads |= {name for inner in body.node for name in inner.input}
+                reads |= _subgraph_reads(body.node)
+    return reads
+
+
+def _protected(graph: onnx.GraphProto) -> set[str]:
+    """Values no pass may rename or remove: the graph's outputs, and what a subgraph reads from the outer scope."""
+    return {o.name for o in graph.output} | _subgraph_reads(graph.node)
+
+
 def drop_dead_nodes(proto: onnx.ModelProto) -> int:
     """Nodes whose outputs nothing reads (and that are not graph outputs)."""
     graph = proto.graph
     dropped = 0
+    protected = _protected(graph)
     while True:
-        read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        read = {name for node in graph.node for name in node.input} | protected
         dead = [n for n in graph.node if not any(out in read for out in n.output)]
         if not dead:
             return dropped
@@ -210,7 +229,7 @@ def fold_known_shapes(proto: onnx.ModelProto) -> int:
     known = engine.sympy_data_
     infos = {v.name: v.type.tensor_type for v in engine.out_mp_.graph.value_info}
     inits = {t.name for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
+    outputs = _protected(graph)
     made = 0
     folded_nodes = []
     for node in graph.node:
@@ -255,7 +274,7 @@ def merge_unsqueezes(proto: onnx.ModelProto) -> int:
     Unsqueezes went."""
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
+    outputs = _protected(graph)
     producers = {out: node for node in graph.node for out in node.output}
     readers = _readers(graph)
 
@@ -297,7 +316,7 @@ def fuse_pad_into_conv(proto: onnx.ModelProto, base_dir: Path | None = None) -> 
     many Pads went."""
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
+    outputs = _protected(graph)
     readers = _readers(graph)
     fused = 0
     for pad in list(graph.node):
@@ -344,7 +363,7 @@ def drop_no_ops(proto: onnx.ModelProto) -> int:
     it already has (cls_token.expand's size vector, reshaped to its own length by TorchScript). Shapes compared are
     known to shape inference: dims that are numbers, or the same symbol. Returns how many went."""
     graph = proto.graph
-    outputs = {o.name for o in graph.output}
+    outputs = _protected(graph)
     shapes, types = None, None
     dropped = []
     for node in graph.node:
