@@ -197,3 +197,37 @@ def test_a_value_a_subgraph_reads_is_neither_merged_away_nor_dropped():
     for c, want in zip((True, False), expected):
         got = ReferenceEvaluator(proto).run(None, {"x": x, "c": np.array(c)})
         assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
+def test_a_squeeze_of_an_unsqueeze_of_the_same_axes_goes_either_way_round():
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from wsfold.onnx.simplify import drop_no_ops
+
+    x = np.random.default_rng(0).standard_normal((2, 1, 3)).astype(np.float32)
+    for first, second, axes, back in (
+        ("Unsqueeze", "Squeeze", [0, -1], [0, -1]),
+        ("Squeeze", "Unsqueeze", [1], [1]),
+        ("Unsqueeze", "Squeeze", [0], [2]),  # another axis: (1, 2, 1, 3) -> (1, 2, 3), not a no-op
+    ):
+        graph = helper.make_graph(
+            [
+                helper.make_node(first, ["x", "a"], ["y"]),
+                helper.make_node(second, ["y", "b"], ["z"]),
+                helper.make_node("Relu", ["z"], ["out"]),
+            ],
+            "pair",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1, 3])],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+            [
+                numpy_helper.from_array(np.array(axes, dtype=np.int64), "a"),
+                numpy_helper.from_array(np.array(back, dtype=np.int64), "b"),
+            ],
+        )
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        expected = ReferenceEvaluator(proto).run(None, {"x": x})[0]
+        same = axes == back
+        assert drop_no_ops(proto) == (1 if same else 0)
+        assert len(proto.graph.node) == (1 if same else 3), (first, axes, back)
+        assert np.array_equal(ReferenceEvaluator(proto).run(None, {"x": x})[0], expected)

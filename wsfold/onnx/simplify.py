@@ -268,6 +268,13 @@ def _int_attr(node: onnx.NodeProto, name: str) -> list[int] | None:
     return next((list(a.ints) for a in node.attribute if a.name == name), None)
 
 
+def _axes(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[int] | None:
+    """A Squeeze's or Unsqueeze's constant axes (an input since opset 13, an attribute before), or None."""
+    if len(node.input) > 1 and node.input[1] in inits:
+        return [int(v) for v in numpy_helper.to_array(inits[node.input[1]]).reshape(-1)]
+    return _int_attr(node, "axes") if len(node.input) == 1 else None
+
+
 def merge_unsqueezes(proto: onnx.ModelProto) -> int:
     """Unsqueeze(Unsqueeze(x, a), b), the inner one read by the outer alone, becomes one Unsqueeze adding both sets
     of axes (x[:, :, None, None] written by TorchScript as two). Only non-negative constant axes. Returns how many
@@ -278,11 +285,6 @@ def merge_unsqueezes(proto: onnx.ModelProto) -> int:
     producers = {out: node for node in graph.node for out in node.output}
     readers = _readers(graph)
 
-    def axes(node: onnx.NodeProto) -> list[int] | None:
-        if len(node.input) > 1 and node.input[1] in inits:
-            return [int(v) for v in numpy_helper.to_array(inits[node.input[1]]).reshape(-1)]
-        return _int_attr(node, "axes") if len(node.input) == 1 else None
-
     merged = 0
     for outer in list(graph.node):
         if outer.op_type != "Unsqueeze":
@@ -292,7 +294,7 @@ def merge_unsqueezes(proto: onnx.ModelProto) -> int:
             continue
         if len(readers.get(inner.output[0], [])) != 1 or len(outer.input) < 2:
             continue
-        first, second = axes(inner), axes(outer)
+        first, second = _axes(inner, inits), _axes(outer, inits)
         if not first or not second or min(first + second) < 0:
             continue
         rank = max(max(first), max(second)) + len(first) + len(second) + 1  # large enough to place them all
@@ -360,14 +362,31 @@ def fuse_pad_into_conv(proto: onnx.ModelProto, base_dir: Path | None = None) -> 
 
 def drop_no_ops(proto: onnx.ModelProto) -> int:
     """Nodes that hand their input on unchanged: Identity, a Cast to the type it already has, a Reshape to the shape
-    it already has (cls_token.expand's size vector, reshaped to its own length by TorchScript). Shapes compared are
-    known to shape inference: dims that are numbers, or the same symbol. Returns how many went."""
+    it already has (cls_token.expand's size vector, reshaped to its own length by TorchScript), a Squeeze of what an
+    Unsqueeze of the same axes made, or the other way round (a Squeeze with axes only removes dims of size 1, which
+    the Unsqueeze puts back). Shapes compared are known to shape inference: dims that are numbers, or the same
+    symbol. Returns how many went."""
     graph = proto.graph
     outputs = _protected(graph)
+    inits = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    opposite = {"Squeeze": "Unsqueeze", "Unsqueeze": "Squeeze"}
     shapes, types = None, None
     dropped = []
     for node in graph.node:
-        if node.op_type not in ("Identity", "Cast", "Reshape") or node.output[0] in outputs or not node.input:
+        if node.output[0] in outputs or not node.input:
+            continue
+        if node.op_type in opposite:
+            first = producers.get(node.input[0])
+            if first is None or first.op_type != opposite[node.op_type]:
+                continue
+            axes, back = _axes(first, inits), _axes(node, inits)
+            if not axes or back is None or sorted(axes) != sorted(back):
+                continue
+            _rewire(graph, node.output[0], first.input[0])
+            dropped.append(node)
+            continue
+        if node.op_type not in ("Identity", "Cast", "Reshape"):
             continue
         if node.op_type != "Identity":
             if shapes is None:
