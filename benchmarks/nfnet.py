@@ -8,34 +8,28 @@ last conv, and a skip-init gain.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from vit_hybrid import pad_same
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
+from models import ScaledStdConv2d  # noqa: E402  (the fixtures' V7: timm's formula)
+
 GELU_GAMMA = 1.7015043497085571
 
 
-class ScaledStdConv2dSame(nn.Conv2d):
+class ScaledStdConv2dSame(ScaledStdConv2d):
     def __init__(self, cin, cout, kernel, stride=1, groups=1, eps=1e-8):
-        super().__init__(cin, cout, kernel, stride=stride, padding=0, groups=groups, bias=True)
-        self.gain = nn.Parameter(torch.ones(cout, 1, 1, 1))
-        self.scale = self.weight[0].numel() ** -0.5
-        self.eps = eps
+        super().__init__(cin, cout, kernel, stride=stride, padding=0, groups=groups, bias=True, eps=eps)
 
     def forward(self, x):
         if self.kernel_size[0] > 1:
             x = pad_same(x, self.kernel_size[0], self.stride[0])
-        w = F.batch_norm(
-            self.weight.reshape(1, self.out_channels, -1),
-            None,
-            None,
-            weight=(self.gain * self.scale).view(-1),
-            training=True,
-            momentum=0.0,
-            eps=self.eps,
-        ).reshape_as(self.weight)
-        return F.conv2d(x, w, self.bias, self.stride, 0, 1, self.groups)
+        return super().forward(x)
 
 
 def act(x: torch.Tensor) -> torch.Tensor:
