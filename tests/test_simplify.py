@@ -73,7 +73,8 @@ class ShapeHeavy(nn.Module):
 
     def forward(self, x, t):
         ih, iw = x.shape[-2:]
-        ph, pw = max((-(-ih // 2) - 1) * 2 + 3 - ih, 0), max((-(-iw // 2) - 1) * 2 + 3 - iw, 0)
+        # (ih + 1) // 2, not -(-ih // 2): TorchScript writes Python's // on a negative int as ONNX's truncating Div
+        ph, pw = max(((ih + 1) // 2 - 1) * 2 + 3 - ih, 0), max(((iw + 1) // 2 - 1) * 2 + 3 - iw, 0)
         x = self.stem(nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]))
         x = x + self.time(t)[:, :, None, None]
         skip = x
@@ -231,3 +232,78 @@ def test_a_squeeze_of_an_unsqueeze_of_the_same_axes_goes_either_way_round():
         assert drop_no_ops(proto) == (1 if same else 0)
         assert len(proto.graph.node) == (1 if same else 3), (first, axes, back)
         assert np.array_equal(ReferenceEvaluator(proto).run(None, {"x": x})[0], expected)
+
+
+def test_shape_arithmetic_is_folded_as_onnx_computes_it_not_as_onnxruntimes_shape_inference_guesses():
+    """onnxruntime's symbolic shape inference floors every Div; ONNX truncates (-15 / 2 is -7). A size computed
+    through a negative Div is left to run (or to ONNX's reference evaluator), so the graph computes what it did."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from wsfold.onnx.graph import fold_constant_nodes
+    from wsfold.onnx.simplify import fold_known_shapes, fold_static_shapes
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "last"], ["width"], axis=0),  # 15
+        helper.make_node("Neg", ["width"], ["minus"]),
+        helper.make_node("Div", ["minus", "half"], ["quotient"]),  # ONNX: -7; floored: -8
+        helper.make_node("Neg", ["quotient"], ["end"]),
+        helper.make_node("Unsqueeze", ["end", "zero"], ["ends"]),
+        helper.make_node("Slice", ["x", "zero", "ends", "axis"], ["cut"]),
+        helper.make_node("Relu", ["cut"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "negative_div",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 15])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(np.array(2, dtype=np.int64), "last"),
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "axis"),
+            numpy_helper.from_array(np.array(2, dtype=np.int64), "half"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.random.default_rng(0).standard_normal((2, 3, 15)).astype(np.float32)
+
+    def run(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+            0
+        ]
+
+    before = run(proto)
+    assert before.shape == (2, 3, 7)
+    assert fold_known_shapes(proto) == 1  # the Gather of the Shape: 15, whatever the batch
+    fold_constant_nodes(proto)
+    fold_static_shapes(proto)
+    after = run(proto)
+    assert after.shape == before.shape and np.array_equal(after, before)
+    assert not any(n.op_type == "Shape" for n in proto.graph.node)
+
+
+def test_a_reshape_target_made_in_a_later_round_takes_a_name_of_its_own():
+    """Each round of fold_static_shapes names its targets: a second round reused the first one's names, and the
+    graph held two initializers of one name (a diffusion U-Net exported by TorchScript failed shape inference)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from wsfold.onnx.simplify import fold_static_shapes
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Reshape", ["x", "shape"], ["y"]),
+        helper.make_node("Add", ["y", "wsfold_shape_0"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rounds",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.ones(4, dtype=np.float32), "wsfold_shape_0")],  # an earlier round's name
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert fold_static_shapes(proto) == 1
+    names = [t.name for t in proto.graph.initializer]
+    assert len(names) == len(set(names)), names
+    onnx.checker.check_model(proto, full_check=True)

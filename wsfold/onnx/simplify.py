@@ -9,33 +9,21 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .store import is_external, to_array
+from .shapes import shapes as value_shapes
+from .store import to_array
 
 _IDENTITY = {"Mul": (1.0, (0, 1)), "Add": (0.0, (0, 1)), "Sub": (0.0, (1,)), "Div": (1.0, (1,))}
 _SMALL = 1 << 16  # elements: an identity operand is a per-channel affine, never a weight
 
 
-def _shapes(proto: onnx.ModelProto) -> dict[str, list[int | str | None]]:
-    """Each value's shape as onnx's shape inference sees it (dims: int, a symbol such as the batch, or None)."""
-    # data_prop: shape arithmetic (Shape, Slice, Concat) is evaluated symbolically, so a Reshape whose target it
-    # computes gets an output shape.
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    shapes = {}
-    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        t = value.type.tensor_type
-        if t.HasField("shape"):
-            shapes[value.name] = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-            ]
-    engine = _symbolic(proto)  # onnxruntime's sees further (through a computed Pad): where it knows, it wins
-    if engine is not None:
-        for name, value in engine.known_vi_.items():
-            t = value.type.tensor_type
-            if t.HasField("shape") and all(d.HasField("dim_value") or d.dim_param for d in t.shape.dim):
-                shapes[name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-    for init in proto.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
+def _fresh_name(graph: onnx.GraphProto, stem: str) -> str:
+    """``stem`` numbered past every initializer, node output and graph input that already takes one of its names."""
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    taken |= {i.name for i in graph.input}
+    number = 0
+    while f"{stem}_{number}" in taken:
+        number += 1
+    return f"{stem}_{number}"
 
 
 def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -66,7 +54,7 @@ def drop_identity_arithmetic(proto: onnx.ModelProto, base_dir: Path | None = Non
             value = to_array(tensor, base_dir)
             if value.dtype.kind != "f" or not np.all(value == neutral):
                 continue
-            shapes = shapes if shapes is not None else _shapes(proto)
+            shapes = shapes if shapes is not None else value_shapes(proto)
             same = shapes.get(other), shapes.get(node.output[0])
             if same[0] is None or same[0] != same[1] or None in same[0]:
                 continue
@@ -94,7 +82,7 @@ def fold_static_shapes(proto: onnx.ModelProto) -> int:
             continue
         if any(a.name == "allowzero" and a.i for a in node.attribute):
             continue
-        shapes = shapes if shapes is not None else _shapes(proto)
+        shapes = shapes if shapes is not None else value_shapes(proto)
         dims = shapes.get(node.output[0])
         source = producers.get(node.input[1])
         if (
@@ -113,7 +101,8 @@ def fold_static_shapes(proto: onnx.ModelProto) -> int:
         target = np.array([d if isinstance(d, int) else (0 if i in keep else -1) for i, d in enumerate(dims)])
         key = target.astype(np.int64).tobytes()
         if key not in made:
-            made[key] = f"wsfold_shape_{len(made)}"
+            # A fresh name: an earlier round's targets are initializers already.
+            made[key] = _fresh_name(graph, "wsfold_shape")
             graph.initializer.append(numpy_helper.from_array(target.astype(np.int64), made[key]))
         node.input[1] = made[key]
         folded += 1
@@ -154,106 +143,75 @@ def drop_dead_nodes(proto: onnx.ModelProto) -> int:
         dropped += len(dead)
 
 
-_INTEGER_TYPES = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
-
-
-def _symbolic(proto: onnx.ModelProto):
-    """onnxruntime's symbolic shape inference run over ``proto`` (a copy: ``proto`` is not changed), or None where
-    it cannot run. Unlike onnx's, it carries the batch through a Pad or Slice whose sizes were computed, and keeps
-    the value of every shape tensor it meets (Shape, Gather, Concat, arithmetic on them)."""
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    except ImportError:  # an onnxruntime build without its tools: onnx's own inference still serves
-        return None
-    engine = SymbolicShapeInference(2**31 - 1, False, False, 0)  # int_max, no auto_merge, no rank guessing
-    # It reads an initializer's values where an op might compute on a shape (a Mul by a weight): those on disk are
-    # given to it as inputs of their shape instead, as a weight never holds a shape.
-    light = onnx.ModelProto()
-    light.CopyFrom(proto)
-    graph = light.graph
-    external = [t for t in graph.initializer if is_external(t)]
-    for tensor in external:
-        graph.initializer.remove(tensor)
-        graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    # A Resize's scales are floats, and floor(1.0*batch) is not the symbol batch to it: an upsampled tensor would
-    # no longer match its skip connection. Scales that are whole numbers are handed to it as the integers they are.
-    start = {}
-    inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, set[str]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, set()).add(node.op_type)
-    for node in graph.node:
-        if node.op_type == "Resize" and len(node.input) > 2 and node.input[2] in inits:
-            scales = numpy_helper.to_array(inits[node.input[2]])
-            if readers[node.input[2]] == {"Resize"} and scales.ndim == 1 and np.all(scales == np.round(scales)):
-                start[node.input[2]] = [int(v) for v in scales]
-    try:
-        engine._preprocess(light)
-        while engine.run_:
-            engine._infer_impl(dict(start))
-        engine._update_output_from_vi()
-    except Exception:  # noqa: BLE001 - an op it does not know stops it; what it got so far is still right
-        pass
-    return engine if isinstance(getattr(engine, "sympy_data_", None), dict) else None
-
-
-def _plain_integers(value) -> np.ndarray | None:
-    """``value`` (an int, a sympy Integer, or a list of them) as an array, or None if any part is a symbol."""
-    items = value if isinstance(value, list) else [value]
-    out = []
-    for item in items:
-        if isinstance(item, (bool, np.bool_)):
-            return None
-        if isinstance(item, (int, np.integer)):
-            out.append(int(item))
-            continue
-        if getattr(item, "is_Integer", False):
-            out.append(int(item))
-            continue
-        return None
-    return np.array(out if isinstance(value, list) else out[0], dtype=np.int64)
-
-
 def fold_known_shapes(proto: onnx.ModelProto) -> int:
-    """Every integer tensor computed from shapes (Shape -> Gather -> Unsqueeze -> Concat, a head size Div'ed out
-    of a Shape) whose value onnxruntime's symbolic shape inference knows exactly, that is whatever does not depend
-    on the batch or another dynamic size, becomes a constant, and what computed it goes. Returns how many tensors
-    became constants."""
+    """A Shape whose input's dims are all known (to onnx's inference, or to onnxruntime's where trusted: see
+    shapes.py), or a Gather or Slice of a Shape that picks only known dims (x.shape[1], x.shape[-2:]), becomes a
+    constant. What computed on it alone is folded after, by ONNX's reference evaluator (fold_constant_nodes), so
+    every value is computed as ONNX computes it. Returns how many tensors became constants."""
     graph = proto.graph
-    if not any(node.op_type in ("Shape", "Size") for node in graph.node):
-        return 0  # nothing reads a shape: what is computed from constants alone was folded already
-    engine = _symbolic(proto)
-    if engine is None:
-        return 0
-    known = engine.sympy_data_
-    infos = {v.name: v.type.tensor_type for v in engine.out_mp_.graph.value_info}
-    inits = {t.name for t in graph.initializer}
+    if not any(node.op_type == "Shape" for node in graph.node):
+        return 0  # nothing reads a shape
+    known = value_shapes(proto)
+    inits = {t.name: t for t in graph.initializer}
     outputs = _protected(graph)
-    made = 0
+    spans: dict[str, list[int | str | None]] = {}  # a Shape node's output: the dims it holds
     folded_nodes = []
+
+    def constant(node: onnx.NodeProto, value: list[int], scalar: bool = False) -> None:
+        array = np.array(value[0] if scalar else value, dtype=np.int64)
+        graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        inits[node.output[0]] = graph.initializer[-1]
+        folded_nodes.append(node)
+
+    def ints(name: str) -> list[int] | None:
+        tensor = inits.get(name)
+        return None if tensor is None else [int(v) for v in numpy_helper.to_array(tensor).reshape(-1)]
+
     for node in graph.node:
-        if node.op_type == "Constant" or len(node.output) != 1:
+        if node.output and node.output[0] in outputs:
             continue
-        for name in node.output:
-            if name not in known or name in inits or name in outputs or name not in infos:
+        if node.op_type == "Shape":
+            dims = known.get(node.input[0])
+            if dims is None:
                 continue
-            info = infos[name]
-            if info.elem_type not in _INTEGER_TYPES or not info.HasField("shape"):
-                continue
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in info.shape.dim]
-            value = _plain_integers(known[name])
-            if value is None or None in dims or list(value.shape) != dims:
-                continue
-            graph.initializer.append(numpy_helper.from_array(value.astype(_INTEGER_TYPES[info.elem_type]), name))
-            inits.add(name)
-            folded_nodes.append(node)
-            made += 1
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), None)
+            picked = dims[slice(start, end)]
+            spans[node.output[0]] = picked
+            if all(isinstance(d, int) for d in picked):
+                constant(node, picked)
+        elif node.op_type in ("Gather", "Slice") and node.input[0] in spans:
+            dims = spans[node.input[0]]
+            index = np.arange(len(dims))
+            if node.op_type == "Gather":
+                at = ints(node.input[1])
+                if at is None or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+                    continue
+                if any(not -len(dims) <= i < len(dims) for i in at):
+                    continue
+                picked = [dims[i] for i in at]
+                scalar = list(inits[node.input[1]].dims) == []
+            else:
+                bounds = [ints(name) if name else None for name in list(node.input[1:]) + [""] * 4][:4]
+                starts, ends, axes, steps = bounds
+                if starts is None or ends is None or len(starts) != 1 or axes not in (None, [0], [-1]):
+                    continue
+                if (
+                    node.input[3:4]
+                    and node.input[3]
+                    and axes is None
+                    or (len(node.input) > 4 and node.input[4] and steps is None)
+                ):
+                    continue  # axes or steps computed at run time
+                picked = [dims[i] for i in index[slice(starts[0], ends[0], (steps or [1])[0])]]
+                scalar = False
+            if all(isinstance(d, int) for d in picked):
+                constant(node, picked, scalar)
     for node in folded_nodes:
         graph.node.remove(node)
-    if made:
+    if folded_nodes:
         drop_dead_nodes(proto)
-    return made
+    return len(folded_nodes)
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -301,7 +259,7 @@ def merge_unsqueezes(proto: onnx.ModelProto) -> int:
         # The result's positions: second's are new; of the others, in order, first's are the inner's new ones.
         rest = [i for i in range(rank) if i not in second]
         combined = sorted(set(second) | {rest[a] for a in first})
-        name = f"{outer.output[0]}_axes"
+        name = _fresh_name(graph, f"{outer.output[0]}_axes")
         graph.initializer.append(numpy_helper.from_array(np.array(combined, dtype=np.int64), name))
         inits[name] = graph.initializer[-1]
         outer.input[0], outer.input[1] = inner.input[0], name
@@ -390,7 +348,7 @@ def drop_no_ops(proto: onnx.ModelProto) -> int:
             continue
         if node.op_type != "Identity":
             if shapes is None:
-                shapes, types = _shapes(proto), _elem_types(proto)
+                shapes, types = value_shapes(proto), _elem_types(proto)
             if node.op_type == "Cast":
                 to = next((a.i for a in node.attribute if a.name == "to"), None)
                 if to is None or types.get(node.input[0]) != to:
