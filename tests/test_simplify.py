@@ -307,3 +307,39 @@ def test_a_reshape_target_made_in_a_later_round_takes_a_name_of_its_own():
     names = [t.name for t in proto.graph.initializer]
     assert len(names) == len(set(names)), names
     onnx.checker.check_model(proto, full_check=True)
+
+
+class NegativeFloorDivision(nn.Module):
+    """A TF-SAME pad computed with -(-ih // 2): TorchScript writes Python's // on the negative int as ONNX's
+    truncating Div, so the graph's pad is not the one torch traced, and its upsampled branch no longer matches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.side = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        ih = x.shape[-2]
+        ph = max((-(-ih // 2) - 1) * 2 + 3 - ih, 0)
+        y = self.conv(nn.functional.pad(x, [ph // 2, ph - ph // 2, ph // 2, ph - ph // 2]))
+        return torch.cat([y, nn.functional.interpolate(self.side(y)[:, :, ::2, ::2], scale_factor=2.0)], 1)
+
+
+def test_a_graph_whose_shapes_contradict_each_other_is_refused_not_rewritten(tmp_path):
+    """wsfold folds shapes as ONNX computes them, so it does not silently repair (or break) the exporter's graph:
+    TorchScript's is refused with the checker's line (exit 2), dynamo's exports and verifies."""
+    from wsfold.errors import ExportError
+
+    torch.manual_seed(0)
+    model = NegativeFloorDivision().eval()
+    out = tmp_path / "ts.onnx"
+    try:
+        export_onnx(model, out, input_shapes=[(1, 3, 15, 15)], exporter="torchscript")
+    except ExportError as exc:
+        assert "onnx.checker rejects" in str(exc) and exc.exit_code == 2
+    else:
+        raise AssertionError("a graph whose shapes contradict each other was written")
+    assert not out.exists()
+    path = tmp_path / "dynamo.onnx"
+    export_onnx(model, path, input_shapes=[(1, 3, 15, 15)], exporter="dynamo")
+    assert verify_onnx(model, path, samples=2)

@@ -224,7 +224,9 @@ def checked_save(
     onnx.save_model(proto, str(staged))  # small: the weights stay where they are
     try:
         onnx.checker.check_model(str(staged), full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        # An InferenceError: the exporter's graph contradicts itself (the TorchScript exporter writes Python's //
+        # on a negative int as ONNX's truncating Div, so a size computed so differs from what torch traced).
         raise ExportError(
             f"onnx.checker rejects the exported graph: {first_line(exc)}",
             "try another --opset or --exporter, and report it if the default ones fail.",

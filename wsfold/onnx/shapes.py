@@ -149,7 +149,10 @@ def shapes(proto: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     onnxruntime's where that is trusted."""
     # data_prop: shape arithmetic (Shape, Slice, Concat) is evaluated symbolically, so a Reshape whose target it
     # computes gets an output shape.
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except onnx.shape_inference.InferenceError:
+        inferred = proto  # a graph whose shapes contradict each other: onnx.checker says so when it is written
     found: dict[str, list[int | str | None]] = {}
     for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         t = value.type.tensor_type

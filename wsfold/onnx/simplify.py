@@ -367,7 +367,10 @@ def drop_no_ops(proto: onnx.ModelProto) -> int:
 
 
 def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except onnx.shape_inference.InferenceError:
+        inferred = proto  # shapes that contradict each other: onnx.checker says so when the graph is written
     types = {t.name: t.data_type for t in proto.graph.initializer}
     for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         if value.type.tensor_type.elem_type:
