@@ -25,9 +25,12 @@ def ort_session(path: Path, level: str = "all"):
 
     from ...onnx.store import load_without_weights
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
-    opts.log_severity_level = 4  # fatal only: an error is reported once, by us, on one line
+    def options():
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
+        opts.log_severity_level = 4  # fatal only: an error is reported once, by us, on one line
+        return opts
+
     # The graph's structure, its weights read by onnxruntime from where they lie in the file (each embedded tensor's
     # bytes given as external data at its offset in the file itself): the same graph and the same bytes, without
     # the whole file read into memory and parsed with its weights (a session peaked at 2.6x the file's size that
@@ -45,11 +48,15 @@ def ort_session(path: Path, level: str = "all"):
             structure = None
     except (OSError, ValueError, DecodeError):
         structure = None  # not a protobuf this reader follows: onnxruntime reads the file itself and says why
-    try:
-        if structure is None:
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if structure is not None:
+        opts = options()
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(real.parent))
-        return ort.InferenceSession(structure.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(structure.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - an onnxruntime without that setting: it reads the file itself, below
+            pass
+    try:
+        return ort.InferenceSession(str(path), options(), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         hint = "re-export it with `wsfold export`."
         if "NOT_IMPLEMENTED" in str(exc):
