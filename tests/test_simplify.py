@@ -343,3 +343,47 @@ def test_a_graph_whose_shapes_contradict_each_other_is_refused_not_rewritten(tmp
     path = tmp_path / "dynamo.onnx"
     export_onnx(model, path, input_shapes=[(1, 3, 15, 15)], exporter="dynamo")
     assert verify_onnx(model, path, samples=2)
+
+
+def test_expand_to_the_batch_keeps_its_batch_and_loses_its_minus_one_check():
+    """Where(Equal(v, -1), 1, v) over v = [batch, -1, -1] (TorchScript's expand(b, -1, -1), einops' repeat): the
+    batch is a dim, never -1, so the check is known; the Where becomes [batch, 1, 1] and the Equal goes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from wsfold.onnx.simplify import fold_known_shapes
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "first"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "zero"], ["batch_1d"]),
+        helper.make_node("Concat", ["batch_1d", "minus_one", "minus_one"], ["wanted"], axis=0),
+        helper.make_node("Equal", ["wanted", "all_minus_one"], ["keep"]),
+        helper.make_node("Where", ["keep", "ones", "wanted"], ["size"]),
+        helper.make_node("Expand", ["token", "size"], ["tokens"]),
+        helper.make_node("Concat", ["tokens", "x"], ["y"], axis=1),
+    ]
+    ints = {"first": np.array(0), "zero": np.array([0]), "minus_one": np.array([-1])}
+    ints |= {"all_minus_one": np.array([-1, -1, -1]), "ones": np.array([1, 1, 1])}
+    graph = helper.make_graph(
+        nodes,
+        "expand",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6, 4])],
+        [numpy_helper.from_array(v.astype(np.int64), k) for k, v in ints.items()]
+        + [numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(1, 1, 4), "token")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.random.default_rng(0).standard_normal((3, 5, 4)).astype(np.float32)
+
+    def run(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+            0
+        ]
+
+    before = run(proto)
+    assert fold_known_shapes(proto) >= 2
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    assert ops["Equal"] == 0 and ops["Where"] == 0 and ops["Shape"] == 1, ops  # the batch is still read
+    onnx.checker.check_model(proto, full_check=True)
+    assert np.array_equal(run(proto), before)

@@ -115,7 +115,7 @@ def rewrite_and_audit(proto: onnx.ModelProto, *, fold: bool, base_dir: Path | No
     fold_constant_nodes(proto, base_dir)
     # Exact simplifications a simplifier would make: batch-independent shapes, identity arithmetic. A round's
     # constant Reshape targets let shape inference see further in the next, hence the rounds.
-    for _ in range(4):
+    for _ in range(8):
         changed = fold_known_shapes(proto)
         if changed:
             fold_constant_nodes(proto, base_dir)  # what computed on those shapes alone (a head size's Cast, Sqrt)

@@ -147,42 +147,59 @@ def fold_known_shapes(proto: onnx.ModelProto) -> int:
     """A Shape whose input's dims are all known (to onnx's inference, or to onnxruntime's where trusted: see
     shapes.py), or a Gather or Slice of a Shape that picks only known dims (x.shape[1], x.shape[-2:]), becomes a
     constant. What computed on it alone is folded after, by ONNX's reference evaluator (fold_constant_nodes), so
-    every value is computed as ONNX computes it. Returns how many tensors became constants."""
+    every value is computed as ONNX computes it.
+
+    Vectors built of shape elements (Shape, Gather, Slice, Unsqueeze, Concat) are followed element by element, an
+    unknown element being a dim, never negative: ``Where(Equal(v, -1), 1, v)``, what TorchScript writes for
+    ``expand(b, -1, -1)`` and einops for its repeats, compares a dim with -1 and so is known, and becomes v with
+    its -1 pieces replaced. Returns how many nodes were folded or replaced."""
     graph = proto.graph
     if not any(node.op_type == "Shape" for node in graph.node):
         return 0  # nothing reads a shape
     known = value_shapes(proto)
     inits = {t.name: t for t in graph.initializer}
     outputs = _protected(graph)
-    spans: dict[str, list[int | str | None]] = {}  # a Shape node's output: the dims it holds
+    producers = {out: node for node in graph.node for out in node.output}
+    # Integer vectors (or scalars) whose elements are known (int) or are a dim (None): never negative.
+    partial: dict[str, tuple[list[int | None], bool]] = {}
     folded_nodes = []
+    changed = 0
 
-    def constant(node: onnx.NodeProto, value: list[int], scalar: bool = False) -> None:
-        array = np.array(value[0] if scalar else value, dtype=np.int64)
+    def constant(node: onnx.NodeProto, value, dtype=np.int64, scalar: bool = False) -> None:
+        array = np.array(value[0] if scalar else value, dtype=dtype)
         graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
         inits[node.output[0]] = graph.initializer[-1]
         folded_nodes.append(node)
 
     def ints(name: str) -> list[int] | None:
         tensor = inits.get(name)
-        return None if tensor is None else [int(v) for v in numpy_helper.to_array(tensor).reshape(-1)]
+        if tensor is None or tensor.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            return None
+        return [int(v) for v in numpy_helper.to_array(tensor).reshape(-1)]
+
+    def vector(name: str) -> tuple[list[int | None], bool] | None:
+        """``name``'s elements and whether it is a scalar: followed, or a constant of at most 64 integers."""
+        if name in partial:
+            return partial[name]
+        values = ints(name)
+        if values is None or len(values) > 64:
+            return None
+        return values, list(inits[name].dims) == []
 
     for node in graph.node:
-        if node.output and node.output[0] in outputs:
+        if not node.output or node.output[0] in outputs:
             continue
+        picked: list[int | None] | None = None
+        scalar = False
         if node.op_type == "Shape":
             dims = known.get(node.input[0])
             if dims is None:
                 continue
-            start = next((a.i for a in node.attribute if a.name == "start"), 0)
-            end = next((a.i for a in node.attribute if a.name == "end"), None)
-            picked = dims[slice(start, end)]
-            spans[node.output[0]] = picked
-            if all(isinstance(d, int) for d in picked):
-                constant(node, picked)
-        elif node.op_type in ("Gather", "Slice") and node.input[0] in spans:
-            dims = spans[node.input[0]]
-            index = np.arange(len(dims))
+            begin = next((a.i for a in node.attribute if a.name == "start"), 0)
+            stop = next((a.i for a in node.attribute if a.name == "end"), None)
+            picked = [d if isinstance(d, int) else None for d in dims[slice(begin, stop)]]
+        elif node.op_type in ("Gather", "Slice") and node.input[0] in partial and not partial[node.input[0]][1]:
+            dims = partial[node.input[0]][0]
             if node.op_type == "Gather":
                 at = ints(node.input[1])
                 if at is None or any(a.name == "axis" and a.i != 0 for a in node.attribute):
@@ -196,22 +213,100 @@ def fold_known_shapes(proto: onnx.ModelProto) -> int:
                 starts, ends, axes, steps = bounds
                 if starts is None or ends is None or len(starts) != 1 or axes not in (None, [0], [-1]):
                     continue
-                if (
-                    node.input[3:4]
-                    and node.input[3]
-                    and axes is None
-                    or (len(node.input) > 4 and node.input[4] and steps is None)
+                if (len(node.input) > 3 and node.input[3] and axes is None) or (
+                    len(node.input) > 4 and node.input[4] and steps is None
                 ):
                     continue  # axes or steps computed at run time
-                picked = [dims[i] for i in index[slice(starts[0], ends[0], (steps or [1])[0])]]
-                scalar = False
-            if all(isinstance(d, int) for d in picked):
-                constant(node, picked, scalar)
+                picked = [dims[i] for i in np.arange(len(dims))[slice(starts[0], ends[0], (steps or [1])[0])]]
+        elif node.op_type == "Unsqueeze" and node.input[0] in partial and partial[node.input[0]][1]:
+            if len(node.input) < 2 or ints(node.input[1]) not in ([0], [-1]):
+                continue
+            picked = partial[node.input[0]][0]
+        elif node.op_type == "Reshape" and node.input[0] in partial and not partial[node.input[0]][1]:
+            if ints(node.input[1]) not in ([-1], [len(partial[node.input[0]][0])]):
+                continue  # only a vector reshaped to itself (TorchScript writes one before expand's check)
+            picked = partial[node.input[0]][0]
+        elif node.op_type == "Concat" and all(a.i == 0 for a in node.attribute if a.name == "axis"):
+            pieces = [vector(name) for name in node.input]
+            if any(p is None or p[1] for p in pieces) or not any(name in partial for name in node.input):
+                continue
+            picked = [v for p in pieces for v in p[0]]
+        elif node.op_type == "Equal":
+            a, b = vector(node.input[0]), vector(node.input[1])
+            if a is None or b is None or not (node.input[0] in partial or node.input[1] in partial):
+                continue
+            (left, left_scalar), (right, right_scalar) = a, b
+            if len(left) != len(right):
+                left, right = (left * len(right), right) if len(left) == 1 else (left, right * len(left))
+            if len(left) != len(right):
+                continue
+            decided = []
+            for x, y in zip(left, right):
+                if x is not None and y is not None:
+                    decided.append(x == y)
+                elif (x is None and y is not None and y < 0) or (y is None and x is not None and x < 0):
+                    decided.append(False)  # a dim is never negative
+                else:
+                    break
+            else:
+                constant(node, decided, dtype=np.bool_, scalar=left_scalar and right_scalar)
+            continue
+        elif node.op_type == "Where" and node.input[0] in inits and node.input[2] in partial:
+            changed += _where_on_a_vector(graph, node, inits, partial, producers, vector)
+            continue
+        if picked is None:
+            continue
+        if all(v is not None for v in picked):
+            constant(node, picked, scalar=scalar)
+        else:
+            partial[node.output[0]] = (picked, scalar)
     for node in folded_nodes:
         graph.node.remove(node)
-    if folded_nodes:
+    if folded_nodes or changed:
         drop_dead_nodes(proto)
-    return len(folded_nodes)
+    return len(folded_nodes) + changed
+
+
+def _where_on_a_vector(graph, node, inits, partial, producers, vector) -> int:
+    """Where(known condition, constant x, v) over a vector v concatenated from pieces: the Where becomes that
+    Concat with each piece the condition takes from x replaced by x's values there (it must lie whole on such
+    positions). Returns 1 when it did."""
+    condition = numpy_helper.to_array(inits[node.input[0]]).reshape(-1)
+    taken = vector(node.input[1])
+    values, _ = partial[node.input[2]]
+    concat = producers.get(node.input[2])
+    if concat is not None and concat.op_type == "Reshape" and concat.input[0] in partial:
+        concat = producers.get(concat.input[0])  # a vector reshaped to itself: its pieces are the Concat's
+    if taken is None or concat is None or concat.op_type != "Concat" or condition.dtype != np.bool_:
+        return 0
+    fill = taken[0] * len(values) if len(taken[0]) == 1 else taken[0]
+    if len(condition) != len(values) or len(fill) != len(values) or None in fill:
+        return 0
+    if any(name in inits and inits[name].data_type != onnx.TensorProto.INT64 for name in concat.input):
+        return 0  # the pieces written here are int64
+    pieces, at = [], 0
+    for name in concat.input:
+        size = len(vector(name)[0])
+        chosen = condition[at : at + size]
+        if chosen.all():
+            replacement = _fresh_name(graph, f"{node.output[0]}_piece")
+            graph.initializer.append(
+                numpy_helper.from_array(np.array(fill[at : at + size], dtype=np.int64), replacement)
+            )
+            inits[replacement] = graph.initializer[-1]
+            pieces.append(replacement)
+        elif not chosen.any():
+            pieces.append(name)
+        else:
+            return 0  # the condition splits a piece
+        at += size
+    del node.input[:]
+    node.input.extend(pieces)
+    node.op_type = "Concat"
+    del node.attribute[:]
+    node.attribute.append(onnx.helper.make_attribute("axis", 0))
+    partial[node.output[0]] = ([f if c else v for c, f, v in zip(condition, fill, values)], False)
+    return 1
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
