@@ -387,3 +387,28 @@ def test_expand_to_the_batch_keeps_its_batch_and_loses_its_minus_one_check():
     assert ops["Equal"] == 0 and ops["Where"] == 0 and ops["Shape"] == 1, ops  # the batch is still read
     onnx.checker.check_model(proto, full_check=True)
     assert np.array_equal(run(proto), before)
+
+
+class SizedUpsample(nn.Module):
+    """F.interpolate(size=twice the input's): TorchScript computes the sizes from the shape; folded, they are half a
+    constant and half read off a shape, which onnx.checker's shape inference (no data propagation) cannot size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 4, 3, padding=1)
+        self.second = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.first(x)
+        up = nn.functional.interpolate(x, size=(x.shape[2] * 2, x.shape[3] * 2), mode="nearest")
+        return torch.cat([up, self.second(up)], 1)
+
+
+def test_a_resize_to_a_size_read_off_the_shape_exports_and_verifies_with_either_exporter(tmp_path):
+    """(It was refused by onnx.checker's full check, a graph onnxruntime runs right.)"""
+    torch.manual_seed(0)
+    model = SizedUpsample().eval()
+    for exporter in ("torchscript", "dynamo"):
+        path = tmp_path / f"{exporter}.onnx"
+        export_onnx(model, path, input_shapes=[(1, 3, 15, 17)], exporter=exporter)
+        assert verify_onnx(model, path, samples=2), exporter

@@ -223,7 +223,7 @@ def checked_save(
     staged = base_dir / ".checked.onnx"
     onnx.save_model(proto, str(staged))  # small: the weights stay where they are
     try:
-        onnx.checker.check_model(str(staged), full_check=True)
+        _check(staged)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         # An InferenceError: the exporter's graph contradicts itself (the TorchScript exporter writes Python's //
         # on a negative int as ONNX's truncating Div, so a size computed so differs from what torch traced).
@@ -262,6 +262,21 @@ def checked_save(
             if external and not force:
                 data.unlink()  # ours: placed a moment ago, and the graph it belongs to lost the race
             raise
+
+
+def _check(path: Path) -> None:
+    """onnx.checker's full check. Its shape inference runs without data propagation: a Resize whose sizes are
+    half constant and half read off a shape (what the shape passes leave of F.interpolate(size=...)) has sizes of
+    no known length to it, and it refuses a graph that onnxruntime runs. Such a graph passes when the structure
+    checks and shape inference with data propagation, strict, finds every shape consistent."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.shape_inference.InferenceError:
+        onnx.checker.check_model(str(path))
+        graph = onnx.load(str(path), load_external_data=False)
+        onnx.shape_inference.infer_shapes(graph, check_type=True, strict_mode=True, data_prop=True)
 
 
 def _is_file_or_link(path: Path) -> bool:
