@@ -121,10 +121,15 @@ def release_file_pages(model: torch.nn.Module) -> None:
     """Hand back the resident pages of every tensor of ``model`` that lies in a file mapping (a checkpoint loaded
     with mmap): their content is kept, and they are mapped again from the file when next read. Until then the
     memory is free for other work (verify's onnxruntime session)."""
+    for found in _model_file_pages(model):
+        found.release()
+
+
+def _model_file_pages(model: torch.nn.Module) -> list[FilePages]:
+    """FilePages of every tensor of ``model`` (each once) that lies in a file mapping."""
     mappings = file_mappings() if sys.platform.startswith("linux") else []
     unique = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.device.type == "cpu"}
-    for found in _file_pages(list(unique.values()), mappings):
-        found.release()
+    return _file_pages(list(unique.values()), mappings)
 
 
 def _file_pages(tensors: list[torch.Tensor | None], mappings: list[tuple[int, int]]) -> list[FilePages]:
@@ -170,9 +175,7 @@ def released_while_running(model: torch.nn.Module, interval: float = 0.2) -> Ite
     once more at the end: for a library that reads every weight once (the dynamo exporter writing them out) and
     would otherwise leave the whole file resident. Only for a block that writes none of them: a page something
     wrote to is reclaimed with MADV_PAGEOUT, its content kept, but a write racing the check could be lost."""
-    mappings = file_mappings() if sys.platform.startswith("linux") else []
-    unique = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.device.type == "cpu"}
-    found = _file_pages(list(unique.values()), mappings)
+    found = _model_file_pages(model)
     if not found:
         yield
         return
