@@ -16,6 +16,7 @@ from .common import (
     ArchKwargs,
     DynamicHW,
     ExportDtype,
+    ForceOnnx,
     InputDtype,
     InputName,
     InputShape,
@@ -368,7 +369,7 @@ def export(
         bool, typer.Option("--no-simplify", help="Skip constant folding of the TorchScript export.")
     ] = False,
     no_fold: NoFold = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace the ONNX file if it exists.")] = False,
+    force: ForceOnnx = False,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     state_key: StateKey = None,

@@ -42,6 +42,7 @@ AllowPickle = Annotated[
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json output).")]
+ForceOnnx = Annotated[bool, typer.Option("--force", help="Replace the ONNX file if it exists.")]
 ShowProgress = Annotated[
     bool, typer.Option("--progress", help="Show progress bars even when stderr is not a terminal.")
 ]

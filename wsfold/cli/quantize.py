@@ -14,6 +14,7 @@ from .common import (
     Arch,
     ArchKwargs,
     DynamicHW,
+    ForceOnnx,
     InputDtype,
     InputName,
     InputShape,
@@ -97,7 +98,7 @@ def quantize(
         bool, typer.Option("--external-data", help="Export the float graph with its weights in a .data file.")
     ] = False,
     no_fold: NoFold = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace the ONNX file if it exists.")] = False,
+    force: ForceOnnx = False,
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     state_key: StateKey = None,
